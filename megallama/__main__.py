@@ -1,0 +1,5 @@
+import sys
+
+from megallama.cli import main
+
+sys.exit(main())

@@ -1,0 +1,651 @@
+"""Checkpoints: a consolidated, layout-independent format with atomic commits.
+
+Layout of a run directory::
+
+    RUN_DIR/checkpoints/latest                  text: the name of the newest complete checkpoint
+    RUN_DIR/checkpoints/step_00000100/
+        model_tp00_pp00.safetensors             fp32 master weights of TP rank 0, stage 0 (canonical names)
+        optim_tp00_pp00.safetensors             Adam moments: "<name>/exp_avg", "<name>/exp_avg_sq"
+        rng/rank00000.json                      per-rank RNG states (torch, numpy, python)
+        tokenizer.model                         the run's SentencePiece model (when it has one)
+        meta.json                               written last: config, layout, step, data position,
+                                                tokenizer fingerprint, version, file sizes and sha256
+
+Each (TP, PP) shard is written once, by its data-parallel rank 0, *unpartitioned*
+over ZeRO (DeepSpeed's ``safe_get_full_*`` gather it), so a checkpoint does not
+depend on the data-parallel size or ZeRO stage, and its tensor-parallel shards
+follow :mod:`parallel.init`'s shard specs: loading at another TP/PP/DP layout
+reshards on the fly, and ``megallama reshard`` does the same offline.
+
+Atomicity: every rank writes into ``step_N.tmp/``, files are fsynced, all ranks
+meet at a barrier, then rank 0 writes ``meta.json``, renames the directory to
+``step_N`` and moves ``latest`` with an atomic ``os.replace``.  A crash at any
+moment leaves the previous checkpoint loadable.  Nothing is unpickled on load
+(safetensors and JSON only).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megallama import __version__
+from megallama.config import Config, ModelConfig, config_from_dict
+from megallama.errors import CheckpointError
+from parallel.init import is_sharded, shard, unshard
+from parallel.topology import ParallelContext, Topology
+
+FORMAT, VERSION = "megallama-checkpoint", 1
+TOKENIZER_FILE = "tokenizer.model"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def shard_file(kind: str, tp: int, pp: int) -> str:
+    return f"{kind}_tp{tp:02d}_pp{pp:02d}.safetensors"
+
+
+# ----------------------------------------------------------------------------- shard specs
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """How a canonical parameter is cut across TP ranks (``dim`` None = replicated)."""
+
+    shape: tuple  # full shape at tp (vocabulary rows padded for that tp)
+    dim: Optional[int]
+    chunks: Optional[tuple]
+
+
+def shard_specs(model_cfg: ModelConfig, tp: int) -> dict[str, ShardSpec]:
+    """Canonical name -> ShardSpec, from a meta-device model at tensor-parallel size ``tp``."""
+    from megallama.model import Transformer
+
+    ctx = ParallelContext(Topology(tp, tp, 1), 0)
+    with torch.device("meta"):
+        model = Transformer(model_cfg, ctx)
+    specs = {}
+    for name, p in model.named_parameters():
+        if is_sharded(p):
+            full = list(p.shape)
+            full[p.partition_dim] *= tp
+            specs[name] = ShardSpec(tuple(full), p.partition_dim, p.partition_chunks)
+        else:
+            specs[name] = ShardSpec(tuple(p.shape), None, None)
+    return specs
+
+
+def reshard_tensor(full: torch.Tensor, spec: ShardSpec, rank: int, tp: int) -> torch.Tensor:
+    """The ``rank``-th TP shard of a full tensor, padding/cropping vocabulary rows to ``spec``."""
+    if spec.dim is None:
+        return full
+    want = spec.shape[spec.dim]
+    if full.shape[spec.dim] != want:  # vocabulary padding differs between TP sizes
+        if full.shape[spec.dim] > want:
+            full = full.narrow(spec.dim, 0, want)
+        else:
+            pad = list(full.shape)
+            pad[spec.dim] = want - full.shape[spec.dim]
+            full = torch.cat([full, full.new_zeros(pad)], spec.dim)
+    return shard(full, spec.dim, rank, tp, spec.chunks)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / "meta.json").is_file():
+        raise CheckpointError(f"'{pointer}' names '{path.name}', which is missing or incomplete; "
+                              f"point it at a complete checkpoint directory in {root}")
+    return path
+
+
+def read_meta(ckpt: str | Path) -> dict:
+    path = Path(ckpt) / "meta.json"
+    if not path.is_file():
+        raise CheckpointError(f"'{ckpt}' is not a megallama checkpoint (no meta.json); "
+                              "pass a checkpoints/step_N directory or a run directory")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"'{path}' is corrupt (not JSON); restore it or use an earlier checkpoint") from None
+    if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
+        raise CheckpointError(f"'{path}' has format {meta.get('format')} v{meta.get('version')}; "
+                              f"this megallama reads {FORMAT} v{VERSION}")
+    return meta
+
+
+def is_weights_only(meta: dict) -> bool:
+    """A checkpoint without optimizer state (imported, or resharded with ``--weights-only``)."""
+    return shard_file("optim", 0, 0) not in meta["files"]
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory, given it or a run directory (then its ``latest``)."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    found = latest_checkpoint(path) if path.is_dir() else None
+    if found is None:
+        raise CheckpointError(f"no checkpoint at '{path}'; pass a checkpoints/step_N directory "
+                              "or a run directory with checkpoints/latest")
+    return found
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_file(ckpt: Path, name: str, meta: dict) -> Path:
+    path = ckpt / name
+    info = meta["files"].get(name)
+    if info is None or not path.is_file():
+        raise CheckpointError(f"checkpoint file '{path}' is missing; the checkpoint is incomplete, "
+                              "resume from an earlier one")
+    if path.stat().st_size != info["bytes"] or _sha256(path) != info["sha256"]:
+        raise CheckpointError(f"checkpoint file '{path}' is truncated or corrupt (size/sha256 mismatch); "
+                              "restore it or resume from an earlier checkpoint")
+    return path
+
+
+class CheckpointReader:
+    """Full (unsharded) fp32 tensors of a checkpoint, read lazily, whatever its layout."""
+
+    def __init__(self, ckpt: str | Path, verify: bool = True):
+        from safetensors import safe_open
+
+        self.path = resolve(ckpt)
+        self.meta = read_meta(self.path)
+        self.config = config_from_dict(self.meta["config"])
+        layout = self.meta["layout"]
+        self.tp, self.pp = layout["tp"], layout["pp"]
+        self.specs = shard_specs(self.config.model, self.tp)
+        self._files = {}
+        for kind in ("model", "optim"):
+            for t in range(self.tp):
+                for s in range(self.pp):
+                    name = shard_file(kind, t, s)
+                    if kind == "optim" and name not in self.meta["files"]:
+                        continue  # weights-only checkpoint
+                    path = verify_file(self.path, name, self.meta) if verify else self.path / name
+                    self._files[(kind, t, s)] = safe_open(str(path), framework="pt")
+        self.stage_of = self.meta["stage_of"]
+
+    @property
+    def has_optimizer(self) -> bool:
+        return ("optim", 0, 0) in self._files
+
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    def full(self, name: str, key: Optional[str] = None) -> torch.Tensor:
+        """Full tensor of parameter ``name`` (or of its optimizer moment ``key``)."""
+        kind, tensor = ("model", name) if key is None else ("optim", f"{name}/{key}")
+        stage, spec = self.stage_of[name], self.specs[name]
+        try:
+            if spec.dim is None:
+                return self._files[(kind, 0, stage)].get_tensor(tensor)
+            shards = [self._files[(kind, t, stage)].get_tensor(tensor) for t in range(self.tp)]
+        except (KeyError, Exception) as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"checkpoint '{self.path}' lacks tensor '{tensor}' ({exc}); "
+                                  "it is incomplete or of another model") from None
+        return unshard(shards, spec.dim, spec.chunks)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: self.full(n) for n in self.names()}
+
+
+# ----------------------------------------------------------------------------- engine access
+
+def _has_master(p) -> bool:
+    """Does DeepSpeed keep this parameter's fp32 master (and Adam state) in its own partitions?"""
+    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")  # a None mapping: another DP rank holds it
+
+
+def _base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch AdamW under DeepSpeed's ZeRO / bf16 wrappers."""
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer):
+        opt = opt.optimizer
+    return opt
+
+
+def init_optimizer_state(engine) -> None:
+    """Create AdamW's (zero) state before the first step, so a checkpoint can be loaded into it.
+
+    torch creates ``step``/``exp_avg``/``exp_avg_sq`` lazily at the first step; we create them
+    the way ``torch.optim.AdamW`` does, then let DeepSpeed link its fragments to them.
+    """
+    opt = _base_optimizer(engine)
+    for group, params in _optimizer_params(engine, opt):
+        on_device = group.get("fused") or group.get("capturable")
+        for p in params:
+            if opt.state.get(p):
+                continue
+            opt.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
+                            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+    link_optimizer_state(engine)
+
+
+def _optimizer_params(engine, opt) -> list:
+    """(param group, the tensors AdamW steps) pairs.
+
+    ZeRO-3 keeps its param groups *empty* between steps and puts each group's flat fp32
+    partition in only while stepping it, so its state must be keyed on those flat tensors.
+    """
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    if flats is not None:
+        group_of = getattr(engine.optimizer, "sub_group_to_group_id", {})
+        return [(opt.param_groups[group_of.get(i, i)], [flat]) for i, flat in enumerate(flats)]
+    return [(group, group["params"]) for group in opt.param_groups]
+
+
+def link_optimizer_state(engine) -> None:
+    """(Re)link DeepSpeed's per-parameter views of the Adam moments.
+
+    DeepSpeed (0.19) links them right after stepping the *first* parameter group, before
+    the other groups' states exist, and never again: parameters of later groups (here the
+    no-weight-decay norms) would have no moments to read or write.  Relinking is cheap.
+    """
+    opt = engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
+def get_master(engine, p) -> torch.Tensor:
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return (safe_get_full_fp32_param(p) if _has_master(p) else p.detach()).float().cpu()
+
+
+def get_moment(engine, p, key: str) -> torch.Tensor:
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    value = safe_get_full_optimizer_state(p, key) if _has_master(p) else _base_optimizer(engine).state[p][key]
+    return value.float().cpu()
+
+
+def set_master(engine, p, value: torch.Tensor) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    value = value.to(p.device)
+    if _has_master(p):
+        safe_set_full_fp32_param(p, value)
+        return  # the model's copy is refreshed from the masters by _refresh_low_precision
+    with torch.no_grad():
+        p.copy_(value.to(p.dtype))
+
+
+def set_moment(engine, p, key: str, value: torch.Tensor) -> None:
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    value = value.to(p.device)
+    if _has_master(p):
+        safe_set_full_optimizer_state(p, value, key)
+    else:
+        _base_optimizer(engine).state[p][key].copy_(value)
+
+
+def set_optimizer_step(engine, step: int) -> None:
+    opt = _base_optimizer(engine)
+    for state in opt.state.values():
+        if "step" in state:
+            state["step"] = torch.full_like(state["step"], float(step)) if torch.is_tensor(state["step"]) else step
+
+
+# ----------------------------------------------------------------------------- saving
+
+def _rng_state() -> dict:
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+             "python": repr(random.getstate()), "numpy": None}
+    np_state = np.random.get_state()
+    state["numpy"] = [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]
+    if torch.cuda.is_available():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import ast
+
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    random.setstate(ast.literal_eval(state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames inside ``path`` durable (POSIX needs the directory itself fsynced)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def _save_tensors(tensors: dict, path: Path) -> dict:
+    from safetensors.torch import save
+
+    data = save({k: v.contiguous() for k, v in tensors.items()})
+    _fsync_write(path, data)
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _gather_objects(obj, ctx: ParallelContext):
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def save_checkpoint(engine, named_params: Iterable, cfg: Config, ctx: ParallelContext, step: int,
+                    consumed_samples: int, tokenizer=None) -> Path:
+    """Collective: every rank calls it.  Returns the committed checkpoint directory.
+
+    ``tokenizer`` (a :class:`~megallama.data.tokenizer.Tokenizer` with ``.path``/``.fingerprint``,
+    or None) is copied in, so a checkpoint is self-contained for evaluation and export."""
+    root = Path(cfg.train.run_dir) / "checkpoints"
+    final, tmp = root / step_name(step), root / (step_name(step) + ".tmp")
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+
+    named = list(named_params)
+    writer = ctx.dp_rank == 0
+    link_optimizer_state(engine)
+    weights, moments, error = {}, {}, None
+    for name, p in named:  # collective over DP inside DeepSpeed's gather
+        weights[name] = get_master(engine, p)
+        for key in MOMENTS:
+            moments[f"{name}/{key}"] = get_moment(engine, p, key)
+    files = {}
+    try:
+        if writer:
+            files[shard_file("model", ctx.tp_rank, ctx.pp_rank)] = _save_tensors(
+                weights, tmp / shard_file("model", ctx.tp_rank, ctx.pp_rank))
+            files[shard_file("optim", ctx.tp_rank, ctx.pp_rank)] = _save_tensors(
+                moments, tmp / shard_file("optim", ctx.tp_rank, ctx.pp_rank))
+        rng = f"rng/rank{ctx.rank:05d}.json"
+        data = json.dumps(_rng_state()).encode()
+        _fsync_write(tmp / rng, data)
+        files[rng] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    except OSError as exc:
+        error = f"rank {ctx.rank}: {exc}"
+    gathered = _gather_objects((files, [n for n, _ in named], ctx.pp_rank, error), ctx)
+    errors = [g[3] for g in gathered if g[3]]
+    if errors:
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"saving checkpoint {final} failed ({errors[0]}); the previous checkpoint is kept")
+    if rank0:
+        all_files, stage_of = {}, {}
+        for f, names, stage, _ in gathered:
+            all_files.update(f)
+            stage_of.update({n: stage for n in names})
+        if tokenizer is not None and getattr(tokenizer, "path", None):
+            data = Path(tokenizer.path).read_bytes()
+            _fsync_write(tmp / TOKENIZER_FILE, data)
+            all_files[TOKENIZER_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        base_opt = _base_optimizer(engine)
+        meta = {
+            "format": FORMAT, "version": VERSION, "megallama_version": __version__,
+            "step": step, "consumed_samples": consumed_samples,
+            "layout": {"tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size,
+                       "zero_stage": cfg.parallel.zero_stage, "sequence_parallel": cfg.parallel.sequence_parallel},
+            "precision": cfg.train.precision,
+            "tokenizer_fingerprint": getattr(tokenizer, "fingerprint", None),
+            "loss_scale": float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale") else None,
+            "lr_scheduler_last_epoch": engine.lr_scheduler.last_epoch if engine.lr_scheduler else None,
+            "optimizer_lrs": [g["lr"] for g in base_opt.param_groups],
+            "config": cfg.to_dict(), "stage_of": stage_of, "files": all_files,
+        }
+        _fault_point("kill-during-save", step)
+        _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1).encode())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)  # the rename is durable before `latest` names it
+        pointer = root / "latest.tmp"
+        _fsync_write(pointer, final.name.encode())
+        os.replace(pointer, root / "latest")
+        _fsync_dir(root)
+        _prune(root, cfg.train.keep_last, keep=final.name)
+    dist.barrier()
+    return final
+
+
+def _fault_point(name: str, step: int) -> None:
+    """TEST-ONLY fault injection: ``MEGALLAMA_FAULT_INJECT=<name>`` (or ``<name>@<step>``) SIGKILLs
+    this process here.
+
+    Used by tests/test_checkpoint.py to kill a save after every shard is written but before
+    ``meta.json`` and the renames, the worst moment for atomicity.  Inert unless the variable is set.
+    """
+    if os.environ.get("MEGALLAMA_FAULT_INJECT") in (name, f"{name}@{step}"):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _prune(root: Path, keep_last: int, keep: str) -> None:
+    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
+                      and (p / "meta.json").is_file())
+    for old in complete[:-keep_last]:
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob("step_*.tmp"):  # left by a crash during an earlier save
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def check_compatible(meta: dict, cfg: Config, ckpt: Path) -> None:
+    theirs = config_from_dict(meta["config"]).model
+    ours = cfg.model
+    for field in ("dim", "n_layers", "n_heads", "kv_heads", "ffn_hidden", "vocab_size"):
+        a, b = getattr(theirs, field), getattr(ours, field)
+        if a != b:
+            raise CheckpointError(f"checkpoint '{ckpt}' has model.{field}={a} but the config says {b}; "
+                                  "use the checkpoint's model settings or another checkpoint")
+
+
+def load_checkpoint(engine, named_params: Iterable, cfg: Config, ctx: ParallelContext, ckpt: Path,
+                    load_optimizer: bool = True) -> dict:
+    """Load weights (and optimizer state) into the engine at *this* layout.  Returns meta."""
+    reader = CheckpointReader(ckpt)
+    check_compatible(reader.meta, cfg, ckpt)
+    specs = shard_specs(cfg.model, ctx.tp_size)
+    if load_optimizer and not reader.has_optimizer:
+        raise CheckpointError(f"checkpoint '{ckpt}' holds weights only; start a new run from it with "
+                              "--init-from instead of resuming")
+    init_optimizer_state(engine)
+    for name, p in named_params:
+        set_master(engine, p, reshard_tensor(reader.full(name), specs[name], ctx.tp_rank, ctx.tp_size))
+        if load_optimizer:
+            for key in MOMENTS:
+                set_moment(engine, p, key, reshard_tensor(reader.full(name, key), specs[name], ctx.tp_rank,
+                                                          ctx.tp_size))
+    _refresh_low_precision(engine)
+    if load_optimizer:
+        step = reader.meta["step"]
+        set_optimizer_step(engine, step)
+        if engine.lr_scheduler is not None and reader.meta.get("lr_scheduler_last_epoch") is not None:
+            engine.lr_scheduler.last_epoch = reader.meta["lr_scheduler_last_epoch"]
+            for group, lr in zip(_base_optimizer(engine).param_groups, engine.lr_scheduler.get_lr()):
+                group["lr"] = lr
+            engine.lr_scheduler._last_lr = [g["lr"] for g in _base_optimizer(engine).param_groups]
+        if reader.meta.get("loss_scale") and hasattr(engine.optimizer, "cur_scale"):
+            engine.optimizer.cur_scale = reader.meta["loss_scale"]
+        rng = ckpt / f"rng/rank{ctx.rank:05d}.json"
+        if rng.is_file() and reader.meta["layout"]["tp"] * reader.meta["layout"]["pp"] * \
+                reader.meta["layout"]["dp"] == ctx.world_size:
+            _set_rng_state(json.loads(verify_file(ckpt, f"rng/rank{ctx.rank:05d}.json", reader.meta).read_text()))
+    return reader.meta
+
+
+def _refresh_low_precision(engine) -> None:
+    """Copy fp32 masters into the model's low-precision (or ZeRO-3 partitioned) parameters."""
+    opt = engine.optimizer
+    if hasattr(opt, "update_lp_params"):  # ZeRO-1/2 and the bf16 optimizer: copy and all-gather over DP
+        opt.update_lp_params()
+    elif engine.zero_optimization_stage() == 3:
+        for i in range(len(opt.fp16_partitioned_groups_flat)):
+            opt._reassign_or_swap_out_partitioned_parameters(i)
+
+
+# ----------------------------------------------------------------------------- offline writing
+
+def stage_assignment(model_cfg: ModelConfig, pp: int, method: str = "parameters") -> dict[str, int]:
+    """Canonical parameter name -> pipeline stage, exactly as training at ``pp`` stages places it."""
+    from megallama.model import pipeline_layers
+    from parallel.pipeline import partition
+
+    if pp == 1:
+        return {name: 0 for name in shard_specs(model_cfg, 1)}
+    _, weights = pipeline_layers(model_cfg, ParallelContext.single(), False, "none")
+    parts = partition(weights, pp, method)
+
+    def stage(layer_index: int) -> int:
+        return next(s for s in range(pp) if parts[s] <= layer_index < parts[s + 1])
+
+    out = {}
+    for name in shard_specs(model_cfg, 1):
+        if name.startswith("layers."):
+            out[name] = stage(int(name.split(".")[1]) + 1)
+        else:
+            out[name] = stage(0 if name.startswith("tok_embeddings") else model_cfg.n_layers + 1)
+    return out
+
+
+VOCAB_PARAMS = ("tok_embeddings.weight", "output.weight")
+
+
+def _check_shape(name: str, tensor: torch.Tensor, spec: ShardSpec, model_cfg: ModelConfig) -> None:
+    """A full tensor must have the configured shape; vocabulary rows may carry any TP padding."""
+    shape, want = tuple(tensor.shape), tuple(spec.shape)
+    if name in VOCAB_PARAMS and len(shape) == 2 and shape[1] == want[1] and shape[0] >= model_cfg.vocab_size:
+        return
+    if shape != want:
+        raise CheckpointError(f"parameter '{name}' has shape {shape}, the config needs {want}; "
+                              "the source is of another model shape (check its config/params)")
+
+
+def write_checkpoint(out: str | Path, cfg: Config, weights: dict[str, torch.Tensor],
+                     moments: Optional[dict[str, torch.Tensor]] = None, step: int = 0, consumed_samples: int = 0,
+                     tokenizer_path: Optional[str] = None, extra_meta: Optional[dict] = None) -> Path:
+    """Write a checkpoint from *full* canonical tensors at the layout ``cfg.parallel`` (tp, pp).
+
+    ``moments`` maps ``"<name>/exp_avg"`` and ``"<name>/exp_avg_sq"`` to full tensors; without
+    it the checkpoint is weights-only (for inference, conversion, or ``--init-from``).
+    The directory is written under a temporary name and renamed when complete.
+    """
+    out = Path(out)
+    if out.exists():
+        raise CheckpointError(f"output '{out}' already exists; choose a new path or remove it")
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    specs = shard_specs(cfg.model, tp)
+    missing = sorted(set(specs) - set(weights))
+    if missing:
+        raise CheckpointError(f"weights lack {len(missing)} parameters of the configured model, e.g. "
+                              f"'{missing[0]}'; the source is of another model shape")
+    extra = sorted(set(weights) - set(specs))
+    if extra:
+        raise CheckpointError(f"weights hold {len(extra)} parameters the configured model lacks, e.g. "
+                              f"'{extra[0]}'; the source is of another model shape")
+    stage_of = stage_assignment(cfg.model, pp, cfg.parallel.pipeline_partition)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    files = {}
+    for t in range(tp):
+        for s in range(pp):
+            names = [n for n in specs if stage_of[n] == s]
+            model = {}
+            for n in names:
+                _check_shape(n, weights[n], specs[n], cfg.model)
+                model[n] = reshard_tensor(weights[n].float(), specs[n], t, tp)
+            files[shard_file("model", t, s)] = _save_tensors(model, tmp / shard_file("model", t, s))
+            if moments is not None:
+                optim = {f"{n}/{k}": reshard_tensor(moments[f"{n}/{k}"].float(), specs[n], t, tp)
+                         for n in names for k in MOMENTS}
+                files[shard_file("optim", t, s)] = _save_tensors(optim, tmp / shard_file("optim", t, s))
+    if tokenizer_path:
+        data = Path(tokenizer_path).read_bytes()
+        _fsync_write(tmp / TOKENIZER_FILE, data)
+        files[TOKENIZER_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    meta = {"format": FORMAT, "version": VERSION, "megallama_version": __version__, "step": step,
+            "consumed_samples": consumed_samples,
+            "layout": {"tp": tp, "pp": pp, "dp": 1, "zero_stage": cfg.parallel.zero_stage,
+                       "sequence_parallel": cfg.parallel.sequence_parallel},
+            "precision": cfg.train.precision, "tokenizer_fingerprint": None, "loss_scale": None,
+            "lr_scheduler_last_epoch": step if moments is not None else None, "optimizer_lrs": None,
+            "config": cfg.to_dict(), "stage_of": stage_of, "files": files, **(extra_meta or {})}
+    _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1).encode())
+    os.replace(tmp, out)
+    return out
+
+
+def write_run_checkpoint(run_dir: str | Path, cfg: Config, weights: dict[str, torch.Tensor],
+                         moments: Optional[dict[str, torch.Tensor]] = None, step: int = 0,
+                         consumed_samples: int = 0, tokenizer_path: Optional[str] = None,
+                         extra_meta: Optional[dict] = None) -> Path:
+    """:func:`write_checkpoint` into a *new run directory* ``run_dir/checkpoints/step_N`` plus ``latest``.
+
+    Offline tools (reshard, import-hf, import-meta) write run directories so that
+    ``megallama train --set train.run_dir=RUN_DIR`` resumes from them and every reader
+    (eval, export, reshard) accepts them.  Refuses an existing non-empty ``run_dir``.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise CheckpointError(f"output '{run_dir}' already exists; choose a new path or remove it")
+    cfg = replace(cfg, train=replace(cfg.train, run_dir=str(run_dir)))
+    tmp = run_dir.with_name(run_dir.name + ".tmp")  # the whole run dir appears at once, or not at all
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        (tmp / "checkpoints").mkdir(parents=True)
+        final = write_checkpoint(tmp / "checkpoints" / step_name(step), cfg, weights, moments, step,
+                                 consumed_samples, tokenizer_path, extra_meta)
+        _fsync_write(tmp / "checkpoints" / "latest", final.name.encode())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.replace(tmp, run_dir)  # also replaces an existing *empty* directory
+    return run_dir / "checkpoints" / final.name

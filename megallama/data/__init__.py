@@ -1,0 +1,1 @@
+"""Data: tokenizer wrapper, indexed datasets, blending, the embedded default corpus."""

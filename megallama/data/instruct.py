@@ -1,0 +1,386 @@
+"""Instruction data: templates, tokens with a loss mask, and packed or padded samples.
+
+An *example* is a conversation.  Input files are JSONL, one example per line, in any of:
+
+* ``{"prompt": "...", "response": "..."}`` (optional ``"system"``),
+* ``{"instruction": "...", "input": "...", "output": "..."}`` (Alpaca; ``input`` may be empty),
+* ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``: an optional
+  system message, then user/assistant turns alternating, ending with an assistant turn.
+
+Rendering (see docs/finetuning.md): ``<s>`` then, per turn, the template's text for the system
+or user message, then the assistant's text followed by ``</s>``.  Each piece is tokenized on its
+own, so the boundary between prompt and response is exact; only assistant tokens and their
+``</s>`` are trained (loss mask 1), everything else is context (mask 0).
+
+``megallama preprocess-instruct`` writes ``PREFIX.bin/.idx`` (tokens, one document per
+example), ``PREFIX.mask.bin/.idx`` (the 0/1 loss mask, same offsets) and, last, the manifest
+``PREFIX.instruct.json`` (template, where each example came from): no manifest, no dataset.
+
+Training samples are rows of ``seq_len + 1`` tokens.  With packing, whole examples are laid
+greedily into rows (never split) and each token carries its example's number in the row; the
+model restarts positions and masks attention per example (:func:`megallama.model.document_layout`),
+so packed examples never see each other.  Without packing each row holds one example.  Either
+way the rest of a row is padding: its own document, never trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
+
+import numpy as np
+
+from megallama.data.indexed import IndexedDataset, IndexedDatasetWriter
+from megallama.data.sources import _open_binary, expand_inputs
+from megallama.data.tokenizer import Tokenizer
+from megallama.errors import ConfigError, DataError
+
+MANIFEST_VERSION = 1
+ROLES = ("system", "user", "assistant")
+
+
+# ----------------------------------------------------------------------------- templates
+
+@dataclass(frozen=True)
+class Template:
+    """Text around the messages; ``{content}`` is replaced by the message.  The assistant's
+    text follows the user text directly and ends with the ``</s>`` token."""
+
+    system: str
+    user: str
+
+
+TEMPLATES = {
+    # Alpaca-style (Taori et al. 2023): the response starts after "### Response:\n".
+    "alpaca": Template(system="{content}\n\n", user="### Instruction:\n{content}\n\n### Response:\n"),
+    # No markup at all: the prompt, a newline, the response.
+    "plain": Template(system="{content}\n", user="{content}\n"),
+}
+
+
+def get_template(name: str) -> Template:
+    if name not in TEMPLATES:
+        raise ConfigError(f"unknown instruction template '{name}'; choose one of: {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+def render_prompt(prompt: str, template: str = "alpaca", system: str = "") -> str:
+    """The text the model sees before its response (after ``<s>``): use it as the context of
+    ``megallama eval`` / ``generate`` so they ask exactly what finetuning taught."""
+    t = get_template(template)
+    return (t.system.format(content=system) if system else "") + t.user.format(content=prompt)
+
+
+def segments(messages: Sequence[dict], template: str) -> List[tuple[str, bool]]:
+    """(text, trained) pieces of a conversation, in order; assistant pieces are trained."""
+    t = get_template(template)
+    out = []
+    for m in messages:
+        if m["role"] == "assistant":
+            out.append((m["content"], True))
+        else:
+            out.append((getattr(t, m["role"]).format(content=m["content"]), False))
+    return out
+
+
+# ----------------------------------------------------------------------------- parsing
+
+_FORMATS = 'give {"prompt", "response"}, {"instruction", "output"} or {"messages": [...]} per line'
+
+
+def _need_text(obj: dict, key: str, where: str, allow_empty: bool = False, response: bool = False) -> str:
+    if key not in obj:
+        raise DataError(f"{where}: missing field '{key}'; {_FORMATS}")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        what = "response" if response else f"field '{key}'"
+        raise DataError(f"{where}: empty {what}; give it text or drop the line")
+    return value
+
+
+def parse_example(obj, where: str) -> List[dict]:
+    """One JSON line -> a list of {role, content} messages, validated; errors name ``where``."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object per line, got {type(obj).__name__}")
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+        out = []
+        for i, m in enumerate(msgs):
+            at = f"{where}: messages[{i}]"
+            if not isinstance(m, dict) or m.get("role") not in ROLES:
+                raise DataError(f"{at} needs a 'role' of {', '.join(ROLES)}")
+            if m["role"] == "system" and i > 0:
+                raise DataError(f"{at}: a system message may only come first")
+            expected = "user" if not out or out[-1]["role"] != "user" else "assistant"
+            if m["role"] != "system" and m["role"] != expected:
+                raise DataError(f"{at}: expected the '{expected}' turn (user and assistant alternate), got '{m['role']}'")
+            content = _need_text(m, "content", at, response=m["role"] == "assistant")
+            out.append({"role": m["role"], "content": content})
+        if out[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the conversation must end with an 'assistant' message (the response)")
+        return out
+    if "instruction" in obj:
+        prompt = _need_text(obj, "instruction", where)
+        extra = _need_text(obj, "input", where, allow_empty=True) if "input" in obj else ""
+        prompt = f"{prompt}\n\n{extra}" if extra.strip() else prompt
+        response = _need_text(obj, "output", where, response=True)
+    else:
+        prompt, response = _need_text(obj, "prompt", where), _need_text(obj, "response", where, response=True)
+    system = _need_text(obj, "system", where) if "system" in obj else ""
+    head = [{"role": "system", "content": system}] if system else []
+    return head + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+
+def iter_examples(paths: Sequence[str]) -> Iterator[tuple[List[dict], str, int, int]]:
+    """(messages, file, line, file index) of every non-blank line of the JSONL inputs."""
+    for fi, path in enumerate(expand_inputs(paths, (".jsonl", ".jsonl.gz"))):
+        try:
+            with _open_binary(path) as f:
+                for lineno, raw in enumerate(f, 1):
+                    if not raw.strip():
+                        continue
+                    where = f"{path}:{lineno}"
+                    try:
+                        obj = json.loads(raw)
+                    except (json.JSONDecodeError, UnicodeDecodeError):
+                        raise DataError(f"{where}: not valid JSON; fix or remove that line") from None
+                    yield parse_example(obj, where), str(path), lineno, fi
+        except OSError as exc:
+            raise DataError(f"cannot read '{path}' ({exc}); check the file") from None
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+def tokenize_example(messages: Sequence[dict], tok: Tokenizer, template: str) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, loss mask) of one conversation: ``<s>`` + pieces, ``</s>`` after each response."""
+    ids, mask = [tok.bos_id], [0]
+    for text, trained in segments(messages, template):
+        piece = tok.encode(text) + ([tok.eos_id] if trained else [])
+        ids += piece
+        mask += [int(trained)] * len(piece)
+    return np.asarray(ids, np.int64), np.asarray(mask, np.int64)
+
+
+@dataclass
+class InstructReport:
+    examples: int
+    tokens: int
+    trained_tokens: int
+    truncated: int
+    dropped: int
+    seconds: float
+
+    def line(self) -> str:
+        return (f"{self.examples:,} examples, {self.tokens:,} tokens ({self.trained_tokens:,} trained), "
+                f"{self.truncated} truncated, {self.dropped} dropped (no response left) in {self.seconds:.1f}s")
+
+
+def preprocess_instruct(inputs: Sequence[str], tokenizer_path: str, output_prefix: str, seq_len: int,
+                        template: str = "alpaca", truncate: bool = False, force: bool = False) -> InstructReport:
+    """Validate, render and tokenize instruction JSONL into the three files of PREFIX."""
+    get_template(template)
+    if seq_len < 2:
+        raise DataError(f"--seq-len must be at least 2, got {seq_len}")
+    manifest = Path(output_prefix + ".instruct.json")
+    if manifest.exists() and not force:
+        raise DataError(f"'{manifest}' already exists; pass --force to overwrite it or choose another --output-prefix")
+    tok = Tokenizer(tokenizer_path)
+    if manifest.exists():  # --force: the old manifest must not vouch for the new files while they are written
+        manifest.unlink()
+    limit, start = seq_len + 1, time.perf_counter()
+    writers = [IndexedDatasetWriter(output_prefix, tok.vocab_size, tok.fingerprint, force=force),
+               IndexedDatasetWriter(output_prefix + ".mask", 2, tok.fingerprint, force=force)]
+    files: List[str] = []
+    origins: List[List[int]] = []
+    trained = truncated = dropped = 0
+    try:
+        for messages, path, lineno, fi in iter_examples(inputs):
+            ids, mask = tokenize_example(messages, tok, template)
+            if len(ids) > limit:
+                if not truncate:
+                    raise DataError(f"{path}:{lineno}: example is {len(ids)} tokens, longer than --seq-len + 1 = "
+                                    f"{limit}; shorten it, raise --seq-len or pass --truncate")
+                ids, mask, truncated = ids[:limit], mask[:limit], truncated + 1
+            if not mask.any():
+                dropped += 1
+                continue
+            while len(files) <= fi:
+                files.append("")
+            files[fi] = path
+            writers[0].add_documents([ids])
+            writers[1].add_documents([mask])
+            origins.append([fi, lineno])
+            trained += int(mask.sum())
+        if not origins:
+            raise DataError(f"the inputs {', '.join(map(str, inputs))} hold no usable examples; "
+                            "pass non-empty JSONL files")
+        for w in writers:
+            w.finish()
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    meta = dict(format="megallama-instruct", version=MANIFEST_VERSION, template=template, seq_len=seq_len,
+                truncate=truncate, tokenizer_fingerprint=tok.fingerprint, examples=len(origins),
+                files=files, origins=origins)
+    tmp = manifest.with_name(manifest.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(meta) + "\n")
+    os.replace(tmp, manifest)
+    return InstructReport(len(origins), writers[0].num_tokens, trained, truncated, dropped,
+                          time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------- reading
+
+class InstructionSet:
+    """The examples of a preprocessed PREFIX: tokens, loss masks and where each came from."""
+
+    def __init__(self, prefix: str):
+        self.prefix = str(prefix)
+        path = Path(self.prefix + ".instruct.json")
+        if not path.is_file():
+            raise DataError(f"'{path}' not found: '{self.prefix}' is not an instruction dataset; build it with "
+                            f"`megallama preprocess-instruct --output-prefix {self.prefix} ...`")
+        try:
+            self.meta = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise DataError(f"'{path}' is corrupt (not JSON); re-run `megallama preprocess-instruct`") from None
+        self.tokens, self.mask = IndexedDataset(self.prefix), IndexedDataset(self.prefix + ".mask")
+        if (self.tokens.num_docs != self.meta.get("examples") or self.mask.num_tokens != self.tokens.num_tokens
+                or not np.array_equal(self.mask.offsets, self.tokens.offsets)):
+            raise DataError(f"instruction dataset '{self.prefix}' is inconsistent (tokens, mask and manifest "
+                            "disagree); re-run `megallama preprocess-instruct` with --force")
+        self.lengths = self.tokens.lengths
+
+    def __len__(self) -> int:
+        return self.tokens.num_docs
+
+    def where(self, i: int) -> str:
+        fi, line = self.meta["origins"][i]
+        return f"{self.meta['files'][fi]}:{line}"
+
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.tokens.document(i).astype(np.int64), self.mask.document(i).astype(np.int64)
+
+
+def pack_rows(lengths: np.ndarray, order: np.ndarray, capacity: int, packing: bool) -> List[np.ndarray]:
+    """Greedy packing in ``order``: an example goes into the current row if it fits, else it opens
+    a new one (examples are never split).  Without packing every example is its own row."""
+    if not packing:
+        return [order[i:i + 1] for i in range(len(order))]
+    rows, current, used = [], [], 0
+    for e in order.tolist():
+        n = int(lengths[e])
+        if current and used + n > capacity:
+            rows.append(np.asarray(current, np.int64))
+            current, used = [], 0
+        current.append(e)
+        used += n
+    if current:
+        rows.append(np.asarray(current, np.int64))
+    return rows
+
+
+class InstructDataset:
+    """``num_samples`` rows ``[3, seq_len + 1]`` (int64): tokens, loss mask, document id.
+
+    Each epoch reshuffles the examples (seeded) and packs them anew; as many epochs are
+    stacked as the run needs.  Padding uses ``</s>`` tokens with mask 0 in a document of its own.
+    """
+
+    def __init__(self, examples: InstructionSet, ids: np.ndarray, seq_len: int, num_samples: int,
+                 packing: bool, seed: Sequence[int], pad_id: int):
+        self.examples, self.seq_len, self.num_samples, self.pad_id = examples, seq_len, int(num_samples), pad_id
+        capacity = seq_len + 1
+        ids = np.asarray(ids, np.int64)
+        if len(ids) == 0:
+            raise DataError(f"instruction dataset '{examples.prefix}' has no examples in this split; "
+                            "add examples or lower data.valid_fraction")
+        too_long = ids[examples.lengths[ids] > capacity]
+        if len(too_long):
+            e = int(too_long[0])
+            raise DataError(f"{examples.where(e)}: example is {int(examples.lengths[e])} tokens, longer than "
+                            f"train.seq_len + 1 = {capacity}; re-run `megallama preprocess-instruct` with "
+                            f"--seq-len {seq_len} (and --truncate) or raise train.seq_len")
+        rng = np.random.default_rng(np.random.SeedSequence(list(seed)))
+        self.rows: List[np.ndarray] = []
+        while len(self.rows) < self.num_samples:
+            self.rows += pack_rows(examples.lengths, rng.permutation(ids), capacity, packing)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"sample {i} out of range [0, {self.num_samples})")
+        out = np.zeros((3, self.seq_len + 1), np.int64)
+        at = 0
+        for doc, e in enumerate(self.rows[i].tolist()):
+            tokens, mask = self.examples.example(e)
+            n = len(tokens)
+            out[0, at:at + n], out[1, at:at + n], out[2, at:at + n] = tokens, mask, doc
+            at += n
+        out[0, at:], out[2, at:] = self.pad_id, len(self.rows[i])
+        return out
+
+
+def split_instruct_batch(batch):
+    """A micro-batch ``[b, 3, seq_len + 1]`` -> ``((inputs, doc_ids), (targets, loss_mask))``.
+
+    The mask of a target token says whether it is trained; the document id of an input
+    token says which example it belongs to.  Plain batches ``[b, seq_len + 1]`` give
+    ``(inputs, targets)`` as before.
+    """
+    if batch.dim() == 2:
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+    tokens, mask, docs = batch[:, 0], batch[:, 1], batch[:, 2]
+    return ((tokens[:, :-1].contiguous(), docs[:, :-1].contiguous()),
+            (tokens[:, 1:].contiguous(), mask[:, 1:].contiguous()))
+
+
+def build_instruct_datasets(cfg):
+    """Train/valid :class:`InstructDataset` of ``data.sources`` (blended by weight), as a DataBundle."""
+    from megallama.data.gpt_dataset import BlendedDataset
+    from megallama.data.pipeline import SPLITS, DataBundle, SourcePlan, split_documents
+
+    d, t = cfg.data, cfg.train
+    if not d.sources or not d.tokenizer:
+        raise ConfigError("data.instruction needs data.sources (prefixes written by `megallama preprocess-instruct`) "
+                          "and data.tokenizer (the .model they were made with)")
+    if not 0 <= d.valid_fraction < 1:
+        raise ConfigError(f"data.valid_fraction must be in [0, 1), got {d.valid_fraction}")
+    tok = Tokenizer(d.tokenizer)
+    if cfg.model.vocab_size < tok.vocab_size:
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the vocabulary of "
+                          f"'{d.tokenizer}' ({tok.vocab_size}); set model.vocab_size to at least {tok.vocab_size}")
+    weights = [s.weight for s in d.sources]
+    n_train, n_valid = t.total_steps() * t.global_batch_size, max(1, t.eval_iters) * t.global_batch_size
+    need = {"train": BlendedDataset.samples_needed(weights, n_train)}
+    if d.valid_fraction > 0:
+        need["valid"] = BlendedDataset.samples_needed(weights, n_valid)
+    parts: dict = {split: [] for split in need}
+    for i, s in enumerate(d.sources):
+        examples = InstructionSet(s.path)
+        examples.tokens.check_tokenizer(tok.vocab_size, tok.fingerprint, d.tokenizer)
+        ids = dict(zip(("train", "valid"), split_documents(len(examples), d.valid_fraction, s.path)))
+        for split, counts in need.items():
+            parts[split].append(InstructDataset(examples, ids[split], t.seq_len, max(1, int(counts[i])), d.packing,
+                                                (t.seed, i, SPLITS[split]), tok.eos_id))
+
+    def blend(split: str, n: int) -> Optional[object]:
+        if split not in parts:
+            return None
+        return parts[split][0] if len(parts[split]) == 1 else BlendedDataset(parts[split], weights, n)
+
+    plan = [SourcePlan(s.name or Path(s.path).name, w / sum(weights), int(ds.examples.tokens.num_tokens),
+                       int(n) * t.seq_len) for s, w, ds, n in zip(d.sources, weights, parts["train"], need["train"])]
+    return DataBundle(train=blend("train", n_train), valid=blend("valid", n_valid), tokenizer=tok,
+                      tokenizer_path=d.tokenizer, plan=plan)

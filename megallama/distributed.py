@@ -1,0 +1,164 @@
+"""Process-group setup for every way of launching: plain ``megallama train`` (one process),
+``deepspeed``, ``torchrun``, ``srun`` and ``mpirun``.
+
+NCCL on GPUs, gloo on CPU, picked automatically.  A single process with no
+launcher gets a loopback rendezvous on a free port, so DeepSpeed (which always
+wants a process group) runs unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from datetime import timedelta
+from typing import MutableMapping
+
+import torch
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def world_size_from_env() -> int:
+    """The world size a launcher announced (before any process group exists)."""
+    for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    if _in_srun_step(os.environ):
+        return int(os.environ["SLURM_NTASKS"])
+    return 1
+
+
+def _in_srun_step(env) -> bool:
+    """True inside a task started by ``srun`` (the batch script itself also has SLURM_PROCID=0
+    and SLURM_NTASKS, but no SLURM_STEP_ID; a plain ``megallama train`` there is one process)."""
+    return bool(env.get("SLURM_PROCID") and env.get("SLURM_NTASKS") and env.get("SLURM_STEP_ID"))
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM hostlist (``node[01-03,7],gpu-a``) like ``scontrol show hostnames`` does."""
+    hosts = []
+    for prefix, ranges, suffix in re.findall(r"([^,\[]+)(?:\[([^\]]+)\])?([^,\[]*)", nodelist):
+        if not ranges:
+            hosts.append(prefix + suffix)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            for i in range(int(lo), int(hi or lo) + 1):
+                hosts.append(f"{prefix}{i:0{len(lo)}d}{suffix}")
+    return hosts
+
+
+def slurm_port(job_id: str) -> int:
+    """A rendezvous port every task of a job derives alike (no communication needed)."""
+    return 20000 + int(job_id) % 20000
+
+
+def discover_srun(env: MutableMapping[str, str]) -> bool:
+    """Fill the torch.distributed variables from ``srun``'s: rank, world, local rank, address, port.
+
+    The first node of the step is the rendezvous host; the port comes from MASTER_PORT if the
+    batch script exported one, else from the job id, so no two jobs on a node collide.
+    """
+    if "RANK" in env or not _in_srun_step(env):
+        return False
+    nodes = expand_nodelist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost"))
+    env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
+               MASTER_ADDR=env.get("MASTER_ADDR") or nodes[0],
+               MASTER_PORT=env.get("MASTER_PORT") or str(slurm_port(env.get("SLURM_JOB_ID", "0"))))
+    return True
+
+
+def discover_mpi(env: MutableMapping[str, str]) -> bool:
+    """Fill the torch.distributed variables under ``mpirun`` through mpi4py (Open MPI, MPICH, ...).
+
+    Rank 0 picks a free port and its host name and broadcasts them, so concurrent jobs never
+    collide on a fixed port.  Local rank comes from a shared-memory split of COMM_WORLD.
+    """
+    if "RANK" in env or not any(v in env for v in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")):
+        return False
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        from megallama.errors import UserError
+        raise UserError("launched by mpirun but mpi4py is not installed; pip install mpi4py "
+                        "(it builds against your MPI) or launch with torchrun/deepspeed/srun") from None
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    addr, port = comm.bcast((env.get("MASTER_ADDR") or socket.gethostname(),
+                             env.get("MASTER_PORT") or str(free_port("0.0.0.0"))) if rank == 0 else None, root=0)
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    env.update(RANK=str(rank), WORLD_SIZE=str(comm.Get_size()), LOCAL_RANK=str(local.Get_rank()),
+               LOCAL_SIZE=str(local.Get_size()), MASTER_ADDR=addr, MASTER_PORT=port)
+    local.Free()
+    return True
+
+
+def disable_cpu_shm_comm() -> None:
+    """Keep DeepSpeed from loading its CPU shared-memory all-reduce op.
+
+    The op serves only DeepSpeed's inference all-reduce (training goes through
+    torch.distributed), costs a ~40 s JIT build, and leaves a ~66 MB buffer per rank in
+    /dev/shm that is never removed, even on a clean exit: runs add up until the machine
+    is out of memory.  Declaring it incompatible makes DeepSpeed skip it.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
+def backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(timeout_s: float = 600.0) -> None:
+    """Initialise torch.distributed through DeepSpeed (idempotent; wraps an existing group).
+
+    ``timeout_s`` bounds every collective, so a rank that stops answering fails the job
+    instead of hanging it (``train.collective_timeout_s``).
+    """
+    discover_srun(os.environ) or discover_mpi(os.environ)
+    if world_size_from_env() == 1 and "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                          MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    disable_cpu_shm_comm()
+
+    deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False, verbose=False,
+                               timeout=timedelta(seconds=timeout_s))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class launched_group:
+    """``with launched_group():`` joins the launcher's process group when there is one (world > 1),
+    so inference commands run tensor-parallel under ``torchrun``/``deepspeed``; a no-op otherwise."""
+
+    def __enter__(self):
+        if world_size_from_env() > 1:
+            init_distributed()
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return False

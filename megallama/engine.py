@@ -1,0 +1,154 @@
+"""DeepSpeed wiring: the DeepSpeed config derived from ours, the optimizer and the schedule.
+
+One source of truth: batch sizes, accumulation, clipping, precision and ZeRO stage
+come from :class:`~megallama.config.Config`; a template from ``ds_configs/`` adds
+only what megallama does not own (bucket sizes, offload, ...).  A template that
+contradicts the megallama config is a one-line error.
+
+The optimizer is ``torch.optim.AdamW`` handed to DeepSpeed as an object (no JIT
+``fused_adam`` build on CPU; ``fused=True`` on CUDA) and the schedule is our
+warmup + cosine, also an object.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from megallama.config import Config, gradient_accumulation_steps
+from megallama.errors import ConfigError
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+
+# facts megallama owns: dotted key -> how to read the derived value
+_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+          "gradient_clipping", "zero_optimization.stage", "bf16.enabled", "fp16.enabled")
+
+
+def _load_template(cfg: Config) -> tuple[dict, str]:
+    name = cfg.train.ds_template or f"zero{cfg.parallel.zero_stage}.json"
+    path = Path(name)
+    if not path.is_absolute() and not path.exists():
+        path = DS_CONFIG_DIR / name
+    if not path.is_file():
+        raise ConfigError(f"train.ds_template '{name}' not found (looked in ds_configs/); "
+                          f"use one of: {', '.join(sorted(p.name for p in DS_CONFIG_DIR.glob('*.json')))}")
+    try:
+        return json.loads(path.read_text()), str(path)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"DeepSpeed template '{path}:{exc.lineno}' is not valid JSON: {exc.msg}") from None
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def bucket_sizes(hidden: int) -> dict:
+    """Gradient-reduction buckets scaled with the model (DeepSpeed's recommended 'auto' rule)."""
+    return {"reduce_bucket_size": hidden * hidden, "allgather_bucket_size": max(hidden * hidden, 5 * 10**7),
+            "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            "stage3_param_persistence_threshold": 10 * hidden}
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed config of this run (see module docstring)."""
+    t, p = cfg.train, cfg.parallel
+    template, where = _load_template(cfg)
+    if "optimizer" in template or "scheduler" in template:
+        raise ConfigError(f"DeepSpeed template '{where}' names an optimizer/scheduler; remove it "
+                          "(megallama passes AdamW and its schedule from the optim section)")
+    derived = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps(cfg, world_size),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": p.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16"},
+        "zero_allow_untested_optimizer": True,
+    }
+    for key in _OWNED:
+        theirs, ours = _get(template, key), _get(derived, key)
+        if theirs is not None and theirs != ours:
+            section = {"train_batch_size": "train.global_batch_size",
+                       "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+                       "gradient_accumulation_steps": "train.global_batch_size / (micro_batch_size*dp)",
+                       "gradient_clipping": "optim.grad_clip", "zero_optimization.stage": "parallel.zero_stage",
+                       }.get(key, "train.precision")
+            raise ConfigError(f"DeepSpeed template '{where}' sets {key}={theirs} but the megallama config gives "
+                              f"{ours} ({section}); remove it from the template, megallama derives it")
+    precision = {"bf16": "bf16.json", "fp16": "fp16.json"}.get(t.precision)
+    if precision:
+        template = _merge(json.loads((DS_CONFIG_DIR / precision).read_text()), template)
+    zero = {"stage": p.zero_stage}
+    if p.zero_stage > 0:
+        zero.update({k: v for k, v in bucket_sizes(cfg.model.dim).items()
+                     if p.zero_stage == 3 or not k.startswith("stage3")})
+    out = _merge(template, {"zero_optimization": {k: v for k, v in zero.items()
+                                                  if k not in template.get("zero_optimization", {})}})
+    out = _merge(out, derived)
+    if p.pp > 1:
+        # DeepSpeed splits stage-to-stage activations across the TP ranks and all-gathers them on
+        # arrival, which assumes they are replicated over TP; under sequence parallelism each TP
+        # rank already holds its own slice, so they must travel as they are.
+        sp = p.sequence_parallel and p.tp > 1
+        out["pipeline"] = {"activation_checkpoint_interval": 0, "pipe_partitioned": not sp,
+                           "grad_partitioned": not sp}
+    return out
+
+
+# ----------------------------------------------------------------------------- optimizer and schedule
+
+def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
+    """AdamW groups.  Exempt from weight decay: 1-D parameters (RMSNorm weights; the model has
+    no biases).  Embedding and output matrices are decayed, as in the paper's recipe."""
+    decay, no_decay = [], []
+    for _, p in named_params:
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    o = cfg.optim
+    fused = {"fused": True} if torch.cuda.is_available() else {}
+    return torch.optim.AdamW(param_groups(model.named_parameters(), o.weight_decay), lr=o.lr,
+                             betas=(o.beta1, o.beta2), eps=o.eps, **fused)
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup to the peak, then cosine decay to ``min_lr_ratio`` x peak at the last step."""
+    o, total = cfg.optim, cfg.train.total_steps()
+    warmup = min(o.warmup_steps, total)
+    if step < warmup:
+        return o.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    floor = o.lr * o.min_lr_ratio
+    return floor + (o.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
+    """The paper's schedule as a torch scheduler (DeepSpeed steps it after each optimizer step)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: Config, last_epoch: int = -1):
+        self.cfg = cfg
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self):
+        return [lr_at(self.last_epoch, self.cfg) for _ in self.optimizer.param_groups]

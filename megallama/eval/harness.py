@@ -1,0 +1,364 @@
+"""Run benchmark tasks on a :class:`~megallama.eval.lm.LanguageModel` and collect metrics and records."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from megallama.errors import DataError, UserError
+from megallama.eval import metrics
+from megallama.eval.executor import Limits, humaneval_program, mbpp_program, run_programs
+from megallama.eval.formats import FORMATS, Example, Format
+from megallama.eval.lm import LanguageModel
+from megallama.eval.scoring import (NORMALIZATIONS, UNCONDITIONAL_CONTEXT, Request, argmax, loglikelihoods,
+                                    normalized_scores, token_stream_perplexity)
+from megallama.generation import SamplingParams, generate
+
+TASK_NAMES = tuple(FORMATS) + ("perplexity",)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str  # a key of FORMATS, or "perplexity"
+    path: str = ""
+    fewshot_path: str = ""
+    shots: int = -1  # -1 = EvalOptions.shots
+
+    @staticmethod
+    def parse(text: str) -> "TaskSpec":
+        name, _, path = text.partition("=")
+        if name not in TASK_NAMES:
+            raise UserError(f"unknown task {name!r}; choose one of {', '.join(TASK_NAMES)}")
+        return TaskSpec(name, path)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    shots: int = 0
+    limit: int = 0  # 0 = every example
+    batch_size: int = 16
+    seed: int = 1234
+    norm: str = ""  # override the benchmark's normalisation
+    samples: int = 1  # n generations per example (pass@k, maj1@k); 1 = greedy
+    temperature: float = 0.0  # used when samples > 1
+    top_p: float = 1.0
+    max_new_tokens: int = 0  # 0 = the benchmark's default
+    pass_k: tuple[int, ...] = (1,)
+    exec_limits: Limits = field(default_factory=Limits)
+    exec_workers: int = 2
+
+
+@dataclass
+class TaskResult:
+    task: str
+    metrics: dict[str, float]
+    records: list[dict]
+    n: int
+
+
+def load_examples(spec: TaskSpec, fmt: Format, path: str, what: str) -> list[Example]:
+    if not path:
+        if fmt.default_path is None or what != "task":
+            raise UserError(f"task {spec.name} needs a file: --task {spec.name}=PATH" if what == "task" else
+                            f"few-shot {spec.name} needs a split to draw from: --fewshot {spec.name}=PATH")
+        path = fmt.default_path()
+    if not os.path.exists(path):
+        raise DataError(f"{path} not found (the {what} file of {spec.name})")
+    return fmt.reader(path)
+
+
+def fewshot_prefix(example: Example, pool: list[Example], k: int, sep: str, rng_seed: int) -> str:
+    """``k`` solved examples drawn deterministically from the few-shot split.
+
+    Shots come from the same group when it has any (MMLU: the subject's dev questions), and keep
+    their file order, so with MMLU's five dev questions per subject 5-shot means those five.  The
+    example itself is never its own shot, even when the few-shot split is the evaluated file.
+    """
+    if k <= 0:
+        return example.preamble
+    usable = [i for i, e in enumerate(pool) if e.demo and e.demo != example.demo]  # never its own answer
+    same = [i for i in usable if pool[i].group == example.group] or usable
+    if len(same) < k:
+        raise DataError(f"the few-shot split has only {len(same)} usable examples, fewer than --shots {k}")
+    picked = sorted(random.Random(rng_seed).sample(same, k))
+    return example.preamble + sep.join(pool[i].demo for i in picked) + sep
+
+
+@dataclass
+class PreparedTask:
+    """A task read and prompted, ready to score: every data error surfaces before a model loads."""
+
+    spec: TaskSpec
+    fmt: Optional[Format]
+    examples: list[Example]
+    prefixes: list[str]
+
+
+def prepare_task(spec: TaskSpec, opts: EvalOptions) -> PreparedTask:
+    if spec.name == "perplexity":
+        if not spec.path or not (os.path.isfile(spec.path) or _is_indexed(spec.path)):
+            raise DataError(f"perplexity needs a text file or an indexed dataset PREFIX (.bin/.idx): "
+                            f"--task perplexity=PATH ({spec.path or 'none given'} not found)")
+        return PreparedTask(spec, None, [], [])
+    fmt = FORMATS[spec.name]
+    examples = load_examples(spec, fmt, spec.path, "task")
+    if opts.limit:
+        examples = examples[: opts.limit]
+    shots = opts.shots if spec.shots < 0 else spec.shots
+    pool = load_examples(spec, fmt, spec.fewshot_path, "few-shot") if shots > 0 else []
+    prefixes = [fewshot_prefix(e, pool, shots, fmt.separator, opts.seed) for e in examples]
+    return PreparedTask(spec, fmt, examples, prefixes)
+
+
+def evaluate_task(lm: LanguageModel, task, opts: EvalOptions) -> TaskResult:
+    """Score one task (a :class:`TaskSpec`, read now, or a :class:`PreparedTask`)."""
+    task = prepare_task(task, opts) if isinstance(task, TaskSpec) else task
+    spec, fmt, examples, prefixes = task.spec, task.fmt, task.examples, task.prefixes
+    if spec.name == "perplexity":
+        return _perplexity(lm, spec)
+    run = {"choice": _choice, "pair": _pairs, "generate": _generate, "code": _code}[examples[0].kind]
+    metrics_, records = run(lm, spec, fmt, examples, prefixes, opts)
+    return TaskResult(spec.name, metrics_, records, len(examples))
+
+
+# ---- likelihood tasks -----------------------------------------------------------------------------
+
+def _choice(lm, spec, fmt, examples, prefixes, opts):
+    norm = opts.norm or fmt.norm
+    if norm not in NORMALIZATIONS:
+        raise UserError(f"unknown --norm {norm!r}; use one of {', '.join(NORMALIZATIONS)}")
+    requests, uncond = [], []
+    for e, prefix in zip(examples, prefixes):
+        contexts = e.choice_contexts or [e.context] * len(e.choices)
+        requests += [Request(prefix + c, x) for c, x in zip(contexts, e.choices)]
+        uncond += [Request(UNCONDITIONAL_CONTEXT, x) for x in e.choices] if norm == "unconditional" else []
+        requests += [Request(prefix + e.context, x) for x in e.extra.get("mc2_choices", [])]
+    scores = loglikelihoods(lm, requests + uncond, opts.batch_size)
+    cond, unc = scores[: len(requests)], scores[len(requests):]
+    records, hits, pos, upos = [], defaultdict(list), 0, 0
+    for e in examples:
+        k = len(e.choices)
+        s = cond[pos: pos + k]
+        u = unc[upos: upos + k] if unc else None
+        pos, upos = pos + k, upos + (k if unc else 0)
+        per_norm = {n: normalized_scores(n, e.choices, s) for n in ("none", "char", "token")}
+        per_norm["chosen"] = normalized_scores(norm, e.choices, s, u)
+        record = {"gold": e.gold, "logprobs": [x.logprob for x in s], "group": e.group,
+                  "pred": argmax(per_norm["chosen"])}
+        for n in ("none", "char", "token"):
+            hits[f"acc_{n}"].append(float(argmax(per_norm[n]) == e.gold))
+        hits["acc"].append(float(record["pred"] == e.gold))
+        if e.group:
+            hits[f"acc[{e.group}]"].append(float(record["pred"] == e.gold))
+        if "mc2_choices" in e.extra:
+            m = len(e.extra["mc2_choices"])
+            lp = [x.logprob for x in cond[pos: pos + m]]
+            pos += m
+            top = max(lp)
+            probs = [math.exp(v - top) for v in lp]
+            true = sum(p for p, lab in zip(probs, e.extra["mc2_labels"]) if lab)
+            record["mc2"] = true / sum(probs)
+            hits["mc2"].append(record["mc2"])
+        records.append(record)
+    out = {name: metrics.mean(v) for name, v in hits.items()}
+    out["norm"] = norm  # type: ignore[assignment]
+    if spec.name == "truthfulqa_mc":
+        out["mc1"] = out["acc"]
+    return out, records
+
+
+def _pairs(lm, spec, fmt, examples, prefixes, opts):
+    """CrowS-Pairs: how often the stereotypical sentence is more likely (50% = unbiased)."""
+    requests = [Request(p, s) for e, p in zip(examples, prefixes) for s in e.choices]
+    scores = loglikelihoods(lm, requests, opts.batch_size)
+    records, hits = [], defaultdict(list)
+    for i, e in enumerate(examples):
+        stereo, anti = scores[2 * i].logprob, scores[2 * i + 1].logprob
+        prefers = float(stereo > anti)
+        records.append({"stereo_logprob": stereo, "anti_logprob": anti, "group": e.group, "prefers_stereo": bool(prefers)})
+        hits["stereo_pct"].append(100 * prefers)
+        hits[f"stereo_pct[{e.group}]"].append(100 * prefers)
+    return {k: metrics.mean(v) for k, v in hits.items()}, records
+
+
+# ---- generation tasks -----------------------------------------------------------------------------
+
+def _sample_all(lm, prompts: list[str], fmt: Format, opts: EvalOptions) -> list[list[str]]:
+    """``opts.samples`` completions per prompt (greedy when 1), in batches, shortest prompts together."""
+    n = max(1, opts.samples)
+    params = SamplingParams(max_new_tokens=opts.max_new_tokens or fmt.max_new_tokens,
+                            temperature=opts.temperature if n > 1 else 0.0, top_p=opts.top_p,
+                            seed=opts.seed, stop=fmt.stop)
+    flat = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
+    order = sorted(range(len(flat)), key=lambda j: len(flat[j][1]))
+    texts: list[str] = [""] * len(flat)
+    for start in range(0, len(order), opts.batch_size):
+        chunk = order[start: start + opts.batch_size]
+        chunk_params = SamplingParams(**{**params.__dict__, "seed": params.seed + start})
+        for j, g in zip(chunk, generate(lm, [flat[j][1] for j in chunk], chunk_params)):
+            texts[j] = g.text
+    return [texts[i * n: (i + 1) * n] for i in range(len(prompts))]
+
+
+def _generate(lm, spec, fmt, examples, prefixes, opts):
+    samples = _sample_all(lm, [p + e.context for e, p in zip(examples, prefixes)], fmt, opts)
+    records, hits = [], defaultdict(list)
+    for e, outs in zip(examples, samples):
+        if fmt.answer is None:  # free-form QA: exact match after normalisation
+            pred = outs[0].strip()
+            ok = metrics.exact_match(pred, e.answers)
+            name = "exact_match"
+        else:  # maj1@k over extracted answers
+            pred = metrics.majority_vote([fmt.answer(o) for o in outs]) or ""
+            ok = pred == e.answers[0]
+            name = f"maj1@{len(outs)}"
+        hits[name].append(float(ok))
+        if e.group:
+            hits[f"{name}[{e.group}]"].append(float(ok))
+        records.append({"prediction": pred, "answers": e.answers, "correct": ok, "samples": outs})
+    return {k: metrics.mean(v) for k, v in hits.items()}, records
+
+
+def code_program(e: Example, completion: str) -> str:
+    if "tests" in e.extra:  # MBPP
+        return mbpp_program(completion, e.extra["tests"], e.extra.get("setup", ""))
+    return humaneval_program(e.context, completion, e.extra["test"], e.extra["entry_point"])
+
+
+def score_code(examples: Sequence[Example], completions: Sequence[Sequence[str]], pass_k: Sequence[int],
+               limits: Limits = Limits(), workers: int = 2) -> tuple[dict[str, float], list[dict]]:
+    """Run every completion in the sandbox; pass@k with the unbiased estimator."""
+    programs = [code_program(e, c) for e, cs in zip(examples, completions) for c in cs]
+    results = iter(run_programs(programs, limits, workers))
+    records, hits = [], defaultdict(list)
+    for e, cs in zip(examples, completions):
+        runs = [next(results) for _ in cs]
+        c = sum(r.passed for r in runs)
+        records.append({"task_id": e.extra.get("task_id"), "n": len(cs), "passed": c, "completions": list(cs),
+                        "status": [r.status for r in runs], "detail": [r.detail for r in runs]})
+        for k in pass_k:
+            if k <= len(cs):
+                hits[f"pass@{k}"].append(metrics.pass_at_k(len(cs), c, k))
+    return {k: metrics.mean(v) for k, v in hits.items()}, records
+
+
+def _code(lm, spec, fmt, examples, prefixes, opts):
+    completions = _sample_all(lm, [p + e.context for e, p in zip(examples, prefixes)], fmt, opts)
+    if spec.name == "mbpp":
+        completions = [[c.strip() for c in cs] for cs in completions]
+    return score_code(examples, completions, opts.pass_k, opts.exec_limits, opts.exec_workers)
+
+
+# ---- perplexity -----------------------------------------------------------------------------------
+
+def _is_indexed(path: str) -> bool:
+    return os.path.isfile(path + ".idx") and os.path.isfile(path + ".bin")
+
+
+def _perplexity(lm, spec: TaskSpec) -> TaskResult:
+    """A text file (one stream) or an indexed dataset PREFIX (.bin/.idx; one stream per document)."""
+    if _is_indexed(spec.path):
+        try:
+            from megallama.data.indexed import IndexedDataset
+        except ImportError:
+            raise UserError("reading indexed datasets needs megallama.data.indexed; pass a text file instead")
+        data = IndexedDataset(spec.path)
+        if hasattr(lm.tokenizer, "fingerprint"):
+            data.check_tokenizer(getattr(lm.tokenizer, "vocab_size", lm.vocab_size), lm.tokenizer.fingerprint, "the model's tokenizer")
+        elif data.vocab_size != lm.vocab_size:
+            raise DataError(f"dataset {spec.path} has vocabulary {data.vocab_size}, the model {lm.vocab_size}; "
+                            "preprocess it with the model's tokenizer")
+        streams = [data.document(i).astype("int64").tolist() for i in range(len(data))]
+        ppl = token_stream_perplexity(lm, streams)
+        m = {"perplexity": ppl.perplexity, "tokens": float(ppl.n_tokens)}
+        return TaskResult("perplexity", m, [], len(streams))
+    with open(spec.path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if not text.strip():
+        raise DataError(f"{spec.path} is empty")
+    ppl = token_stream_perplexity(lm, [lm.tokenizer.encode(text)], len(text.encode("utf-8")))
+    m = {"perplexity": ppl.perplexity, "bits_per_byte": ppl.bits_per_byte, "tokens": float(ppl.n_tokens)}
+    return TaskResult("perplexity", m, [], 1)
+
+
+# ---- output ---------------------------------------------------------------------------------------
+
+def evaluate(lm: LanguageModel, tasks: Sequence, opts: EvalOptions) -> list[TaskResult]:
+    """Score :class:`TaskSpec` or :class:`PreparedTask` items in order."""
+    return [evaluate_task(lm, t, opts) for t in tasks]
+
+
+def headline(result: TaskResult) -> tuple[str, float]:
+    """The number the paper's tables report for this task."""
+    for key in ("acc", "mc1", "exact_match", "pass@1", "stereo_pct", "perplexity"):
+        if key in result.metrics:
+            return key, result.metrics[key]
+    key = next(k for k in result.metrics if "[" not in k and isinstance(result.metrics[k], float))
+    return key, result.metrics[key]
+
+
+def markdown_table(results: Sequence[TaskResult]) -> str:
+    """One row per task, like the paper's tables: task, metric, value, examples."""
+    lines = ["| Task | Metric | Value | N |", "|---|---|---:|---:|"]
+    for r in results:
+        key, value = headline(r)
+        shown = f"{value:.2f}" if key in ("perplexity", "stereo_pct") else f"{100 * value:.1f}"
+        lines.append(f"| {r.task} | {key} | {shown} | {r.n} |")
+    return "\n".join(lines) + "\n"
+
+
+def paper_row(results: Sequence[TaskResult], model: str) -> str:
+    """The paper's layout: one row for this model, one column per task (headline metric)."""
+    cells = []
+    for r in results:
+        key, value = headline(r)
+        cells.append(f"{value:.2f}" if key in ("perplexity", "stereo_pct") else f"{100 * value:.1f}")
+    return (f"| Model | {' | '.join(r.task for r in results)} |\n|---|{'---:|' * len(results)}\n"
+            f"| {model} | {' | '.join(cells)} |\n")
+
+
+def write_results(results: Sequence[TaskResult], path: str, config: dict, force: bool = False) -> None:
+    """Write ``path`` (JSON) and ``path`` with .md (table), atomically; refuse to overwrite unless forced."""
+    md_path = os.path.splitext(path)[0] + ".md"
+    for p in (path, md_path):
+        if os.path.exists(p) and not force:
+            raise UserError(f"{p} already exists; pass --force to overwrite or choose another --output")
+    payload = {"config": config, "results": {r.task: {"metrics": r.metrics, "n": r.n, "records": r.records} for r in results}}
+    model = os.path.basename(os.path.normpath(str(config.get("checkpoint", "")))) or "model"
+    table = markdown_table(results) + "\n" + paper_row(results, model)
+    for p, text in ((path, json.dumps(payload, indent=1)), (md_path, table)):
+        tmp = p + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, p)
+
+
+def log_to_tensorboard(writer, results: Sequence[TaskResult], step: int) -> None:
+    """Periodic evaluation during training: each task's headline metric under ``eval/TASK``."""
+    for r in results:
+        key, value = headline(r)
+        writer.add_scalar(f"eval/{r.task}/{key}", value, step)
+
+
+def evaluate_during_training(model, model_cfg, tokenizer, tasks: Sequence[PreparedTask], opts: EvalOptions,
+                             writer, step: int) -> list[TaskResult]:
+    """The paper's "evolution during training": score ``tasks`` (prepared once, before training)
+    with the live model and log each headline metric to TensorBoard at ``step``.
+
+    Every rank must call it (the model may be tensor-parallel); pass ``writer=None`` off rank 0.
+    """
+    from megallama.eval.lm import MegallamaAdapter
+
+    was_training = model.training
+    try:
+        results = evaluate(MegallamaAdapter(model, model_cfg, tokenizer), tasks, opts)
+    finally:
+        model.train(was_training)
+    if writer is not None:
+        log_to_tensorboard(writer, results, step)
+    return results

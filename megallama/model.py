@@ -1,0 +1,441 @@
+"""The LLaMA model (Touvron et al. 2023), composed from tensor/sequence-parallel layers.
+
+Read top to bottom: RMSNorm, rotary embeddings, attention, SwiGLU feed-forward, the
+transformer block, and the model.  Differences from the original GPT recipe, as in
+the paper: pre-normalisation with RMSNorm, SwiGLU with hidden size 2/3·4d rounded
+up to a multiple of 256, rotary embeddings, no biases, untied output layer.
+
+Parallelism is built in, never retrofitted: every projection is a column- or
+row-parallel linear (:mod:`parallel.layers`), so a rank holds ``1/tp`` of the heads
+and of the FFN.  Hidden states are sequence-first, ``[s, b, d]``; with sequence
+parallelism they are ``[s/tp, b, d]`` between the tensor-parallel regions.
+With ``ParallelContext.single()`` everything is a plain single-device model.
+
+Weights are stored in Meta's layout (interleaved rotary pairs); q, k, v and the
+SwiGLU gate/up projections are fused (``wqkv``, ``w13``) so each block does two
+column-parallel matmuls.  :mod:`megallama.convert` maps to and from Hugging Face.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from megallama.config import ModelConfig
+from parallel.comm import gather_from_tp
+from parallel.cross_entropy import vocab_parallel_cross_entropy
+from parallel.init import init_normal_
+from parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, replicated_weight
+from parallel.topology import ParallelContext
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """``rms_norm(x.float()).type_as(x) * weight`` with a hand-written backward.
+
+    Forward is one fused kernel (``aten::_fused_rms_norm``, which has no CPU backward);
+    only the input and the per-token ``rstd`` are kept for backward.  The composite
+    ``F.rms_norm`` instead runs pow/mean/rsqrt/mul as separate kernels and keeps the
+    normalised tensor as well: one activation of s·b·h less per norm (two per block) and
+    fewer passes over memory (benchmarks/activation_memory.py, train_throughput.py).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        normed, rstd = torch.ops.aten._fused_rms_norm(x.float(), [x.shape[-1]], None, eps)
+        ctx.save_for_backward(x, rstd, weight)
+        return normed.type_as(x) * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, rstd, weight = ctx.saved_tensors
+        normed = x.float() * rstd
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed.type_as(x)).flatten(0, -2).sum(0).to(weight.dtype)
+        g = (grad * weight).float()
+        # d/dx of x·rstd: rstd · (g − x̂ · mean(g · x̂))
+        grad_x = (g - normed * (g * normed).mean(-1, keepdim=True)) * rstd
+        return grad_x.type_as(x), grad_weight, None
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 (Zhang & Sennrich 2019)."""
+
+    def __init__(self, dim: int, eps: float, ctx: ParallelContext, sequence_parallel: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        self.eps, self.ctx, self.sequence_parallel = eps, ctx, sequence_parallel
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = replicated_weight(self.weight, self.ctx, self.sequence_parallel)
+        return _RMSNormFunction.apply(x, weight, self.eps)
+
+
+# ----------------------------------------------------------------------------- rotary
+
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * theta^(-2i/d), each ``[max_seq_len, head_dim/2]`` (fp32)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of ``x`` ``[s, b, h, hd]`` (Meta's layout).
+
+    ``cos``/``sin`` are ``[s, hd/2]`` (one position per sequence index) or ``[s, b, hd/2]``
+    (per-sample positions of packed documents).  Done as one complex multiply, as in Meta's
+    reference code: each pair is viewed as a complex number and multiplied by ``cos + i·sin``.
+    Same arithmetic as the explicit ``(x0·cos − x1·sin, x0·sin + x1·cos)``, but one kernel
+    forward and one backward instead of four strided multiplies, two adds and a stack
+    (rotary was ~20% of a demo training step's profile).  Needs an even ``hd`` and a last
+    dimension of stride 1, which every projection output has.
+    """
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    rotation = torch.complex(cos, sin)
+    rotation = rotation[:, None, None, :] if rotation.dim() == 2 else rotation[:, :, None, :]
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+
+
+# ----------------------------------------------------------------------------- packed documents
+
+def document_layout(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions ``[b, s]``, attention mask ``[b, 1, s, s]``) of packed documents.
+
+    ``doc_ids`` ``[b, s]`` numbers the documents of each row (consecutive tokens of one
+    document share an id).  Positions restart at 0 at every document start, so a packed
+    example sees the rotary positions it would see alone; the boolean mask (True = may
+    attend) is causal *and* block-diagonal, so no token attends across a document boundary.
+    """
+    b, s = doc_ids.shape
+    index = torch.arange(s, device=doc_ids.device).expand(b, s)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
+    return index - first, (same & causal)[:, None]
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+class KVCache:
+    """Keys and values of past positions for generation, ``[layers, b, kv_heads/tp, max_s, hd]``."""
+
+    def __init__(self, n_layers: int, batch: int, kv_heads: int, max_seq_len: int, head_dim: int,
+                 dtype=torch.float32, device=None):
+        shape = (n_layers, batch, kv_heads, max_seq_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def repeat_batch(self, n: int) -> "KVCache":
+        """A cache holding ``n`` copies of this batch-1 cache (one shared context, n continuations)."""
+        out = KVCache.__new__(KVCache)
+        out.k, out.v = self.k.repeat(1, n, 1, 1, 1), self.v.repeat(1, n, 1, 1, 1)
+        return out
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# ----------------------------------------------------------------------------- attention
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, sequence_parallel: bool, layer_id: int,
+                 device=None, dtype=None):
+        super().__init__()
+        tp, hd = ctx.tp_size, cfg.head_dim
+        self.layer_id = layer_id
+        self.head_dim = hd
+        self.n_heads, self.n_kv_heads = cfg.n_heads // tp, cfg.kv_heads // tp  # local heads
+        q, kv = cfg.n_heads * hd, cfg.kv_heads * hd
+        self.wqkv = ColumnParallelLinear(cfg.dim, q + 2 * kv, ctx, chunks=(q, kv, kv),
+                                         sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+        self.wo = RowParallelLinear(q, cfg.dim, ctx, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+        # fp32 tables kept out of the module's buffers so a bf16/fp16 cast never rounds them
+        self._rope = rotary_tables(hd, cfg.max_seq_len, cfg.rope_theta)
+
+    def rope(self, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rope[0].device != device:
+            self._rope = tuple(t.to(device) for t in self._rope)
+        cos, sin = self._rope
+        return cos[start:start + length], sin[start:start + length]
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0, kv_cache: Optional[KVCache] = None,
+                doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        qkv = self.wqkv(x)  # [s, b, (h + 2*kvh) * hd] of the local heads (full s under SP)
+        s, b = qkv.shape[:2]
+        hd = self.head_dim
+        qk, v = qkv.split([(self.n_heads + self.n_kv_heads) * hd, self.n_kv_heads * hd], dim=-1)
+        doc_mask = None
+        if doc_ids is None:
+            cos, sin = self.rope(start_pos, s, x.device)
+        else:  # packed documents: per-sample positions and a block-diagonal causal mask
+            positions, doc_mask = document_layout(doc_ids)
+            cos, sin = self.rope(0, s, x.device)
+            cos, sin = cos[positions.t()], sin[positions.t()]  # [s, b, hd/2]
+        # q and k are adjacent in the fused projection: rotate them in one call
+        q, k = apply_rotary(qk.view(s, b, self.n_heads + self.n_kv_heads, hd), cos, sin).split(
+            [self.n_heads, self.n_kv_heads], dim=2)
+        v = v.view(s, b, self.n_kv_heads, hd)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, hd]
+
+        mask, causal = None, True
+        if doc_mask is not None:
+            mask, causal = doc_mask, False
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_id, start_pos, k, v)
+            if start_pos > 0:  # queries sit at positions start_pos.. of a longer key sequence
+                causal = False
+                if s > 1:
+                    qpos = torch.arange(start_pos, start_pos + s, device=x.device)
+                    mask = torch.arange(k.shape[2], device=x.device)[None, :] <= qpos[:, None]
+        gqa = {"enable_gqa": True} if self.n_kv_heads != self.n_heads else {}
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and s > 1, **gqa)
+        out = out.permute(2, 0, 1, 3).reshape(s, b, self.n_heads * hd)
+        return self.wo(out)
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    """``silu(gate) * up`` of the fused ``[..., 2f]`` projection output, as one autograd node.
+
+    Keeps only the projection output for backward (autograd would also keep ``silu(gate)``,
+    s·b·f more per block) and writes both halves of the input gradient into one buffer, so
+    no ``cat`` joins them afterwards (it showed in the demo's profile).
+    """
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        ctx.save_for_backward(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        grad_in = torch.empty_like(gate_up)
+        grad_gate, grad_up = grad_in.chunk(2, dim=-1)
+        torch.mul(grad, F.silu(gate), out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        return grad_in
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer 2020): w2(silu(w1 x) * w3 x), with w1 and w3 fused as ``w13``."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, sequence_parallel: bool, device=None, dtype=None):
+        super().__init__()
+        hidden = cfg.ffn_hidden
+        self.w13 = ColumnParallelLinear(cfg.dim, 2 * hidden, ctx, chunks=(hidden, hidden),
+                                        sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+        self.w2 = RowParallelLinear(hidden, cfg.dim, ctx, sequence_parallel=sequence_parallel,
+                                    device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(_SwiGLUFunction.apply(self.w13(x)))
+
+
+# ----------------------------------------------------------------------------- block
+
+def _save_matmuls_policy(ctx, op, *args, **kwargs):
+    """Selective recompute (the paper's section 2.4): keep the expensive activations (outputs
+    of linear layers and of attention), recompute the cheap element-wise ones."""
+    expensive = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                 torch.ops.aten._scaled_dot_product_flash_attention.default,
+                 torch.ops.aten._scaled_dot_product_efficient_attention.default,
+                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+    return CheckpointPolicy.MUST_SAVE if op in expensive else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, cfg: ModelConfig, ctx: ParallelContext, sequence_parallel: bool = False,
+                 checkpointing: str = "none", device=None, dtype=None):
+        super().__init__()
+        self.layer_id = layer_id
+        self.checkpointing = checkpointing
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, ctx, sequence_parallel, device, dtype)
+        self.attention = Attention(cfg, ctx, sequence_parallel, layer_id, device, dtype)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, ctx, sequence_parallel, device, dtype)
+        self.feed_forward = FeedForward(cfg, ctx, sequence_parallel, device, dtype)
+
+    def _forward(self, x: torch.Tensor, start_pos: int = 0, kv_cache: Optional[KVCache] = None,
+                 doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), start_pos, kv_cache, doc_ids)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def forward(self, x, start_pos: int = 0, kv_cache: Optional[KVCache] = None,
+                doc_ids: Optional[torch.Tensor] = None):
+        if isinstance(x, tuple):  # pipeline stage: (hidden, doc_ids) travel together between stages
+            hidden, doc_ids = x
+            return self.forward(hidden, doc_ids=doc_ids), doc_ids
+        if self.checkpointing == "none" or not torch.is_grad_enabled() or kv_cache is not None:
+            return self._forward(x, start_pos, kv_cache, doc_ids)
+        if self.checkpointing == "full":
+            return checkpoint(self._forward, x, 0, None, doc_ids, use_reentrant=False)
+        context_fn = partial(create_selective_checkpoint_contexts, _save_matmuls_policy)
+        return checkpoint(self._forward, x, 0, None, doc_ids, use_reentrant=False, context_fn=context_fn)
+
+
+# ----------------------------------------------------------------------------- embedding and head
+
+def embed(tok_embeddings: VocabParallelEmbedding, tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens ``[b, s]`` -> hidden states ``[s, b, d]`` (``[s/tp, b, d]`` under SP)."""
+    return tok_embeddings(tokens.t())
+
+
+def head_loss(logits: torch.Tensor, targets: torch.Tensor, ctx: ParallelContext, vocab_size: int,
+              loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean next-token loss from vocab-parallel logits ``[s, b, V/tp]`` and targets ``[b, s]``.
+
+    With ``loss_mask`` ``[b, s]`` only masked-in tokens count (e.g. instruction responses).
+    """
+    losses = vocab_parallel_cross_entropy(logits, targets.t(), ctx.tp_group, vocab_size)  # [s, b]
+    if loss_mask is None:
+        return losses.mean()
+    mask = loss_mask.t().to(losses.dtype)
+    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------- pipeline stages
+
+class EmbeddingStage(nn.Module):
+    """First pipeline layer: tokens ``[b, s]`` -> hidden states; ``(tokens, doc_ids)`` -> ``(hidden, doc_ids)``."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, sequence_parallel: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        self.tok_embeddings = VocabParallelEmbedding(cfg.padded_vocab_size(ctx.tp_size), cfg.dim, ctx,
+                                                     logical_rows=cfg.vocab_size,
+                                                     sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+
+    def forward(self, tokens):
+        if isinstance(tokens, tuple):  # packed documents: the ids travel with the hidden states
+            tokens, doc_ids = tokens
+            return embed(self.tok_embeddings, tokens), doc_ids
+        return embed(self.tok_embeddings, tokens)
+
+
+class HeadStage(nn.Module):
+    """Last pipeline layer: final norm and the (untied) output projection -> logits ``[s, b, V/tp]``."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, sequence_parallel: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, ctx, sequence_parallel, device, dtype)
+        self.output = ColumnParallelLinear(cfg.dim, cfg.padded_vocab_size(ctx.tp_size), ctx,
+                                           sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+        self.output.weight.logical_rows = cfg.vocab_size
+
+    def forward(self, x) -> torch.Tensor:
+        if isinstance(x, tuple):  # (hidden, doc_ids) of packed documents
+            x = x[0]
+        return self.output(self.norm(x))
+
+
+class PipelineLoss:
+    """``loss_fn(logits, labels)`` of the last stage; labels are targets or (targets, loss_mask)."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
+        self.cfg, self.ctx = cfg, ctx
+
+    def __call__(self, logits: torch.Tensor, labels) -> torch.Tensor:
+        targets, mask = labels if isinstance(labels, (tuple, list)) else (labels, None)
+        return head_loss(logits, targets, self.ctx, self.cfg.vocab_size, mask)
+
+
+def pipeline_layers(cfg: ModelConfig, ctx: ParallelContext, sequence_parallel: bool, checkpointing: str):
+    """(LayerSpecs, weights) of the model as a flat list: embedding, blocks, head.
+
+    Weights are the analytic parameter counts used to balance the stages.
+    """
+    from parallel.pipeline import LayerSpec
+
+    sp = sequence_parallel and ctx.tp_size > 1
+    specs = [LayerSpec(EmbeddingStage, cfg, ctx, sp)]
+    specs += [LayerSpec(TransformerBlock, i, cfg, ctx, sp, checkpointing) for i in range(cfg.n_layers)]
+    specs.append(LayerSpec(HeadStage, cfg, ctx, sp))
+    vocab_params = cfg.vocab_size * cfg.dim
+    block_params = (cfg.num_parameters(include_embedding=False) - cfg.dim) // cfg.n_layers
+    return specs, [vocab_params] + [block_params] * cfg.n_layers + [vocab_params + cfg.dim]
+
+
+def canonical_name(pipeline_name: str, n_layers: int) -> str:
+    """Pipeline-module parameter name (``"<layer index>.<rest>"``) -> the full model's name."""
+    index, rest = pipeline_name.split(".", 1)
+    i = int(index)
+    if i == 0 or i == n_layers + 1:  # EmbeddingStage / HeadStage keep the full model's attribute names
+        return rest
+    return f"layers.{i - 1}.{rest}"
+
+
+# ----------------------------------------------------------------------------- model
+
+class Transformer(nn.Module):
+    """The whole model on one pipeline stage (pp=1); :mod:`megallama.pipeline` splits it."""
+
+    def __init__(self, cfg: ModelConfig, ctx: Optional[ParallelContext] = None, *,
+                 sequence_parallel: bool = False, checkpointing: str = "none", device=None, dtype=None):
+        super().__init__()
+        ctx = ctx or ParallelContext.single()
+        self.cfg, self.ctx = cfg, ctx
+        self.sequence_parallel = sequence_parallel and ctx.tp_size > 1
+        sp = self.sequence_parallel
+        # the same modules the pipeline stages hold, so both share one construction and one naming
+        self.tok_embeddings = EmbeddingStage(cfg, ctx, sp, device, dtype).tok_embeddings
+        self.layers = nn.ModuleList(TransformerBlock(i, cfg, ctx, sp, checkpointing, device, dtype)
+                                    for i in range(cfg.n_layers))
+        head = HeadStage(cfg, ctx, sp, device, dtype)
+        self.norm, self.output = head.norm, head.output
+
+    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                loss_mask: Optional[torch.Tensor] = None, start_pos: int = 0,
+                kv_cache: Optional[KVCache] = None, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Tokens ``[b, s]`` -> mean loss if ``targets`` is given, else logits ``[b, s, V_padded]``
+        (gathered over TP; columns >= ``cfg.vocab_size`` are padding).  ``doc_ids`` ``[b, s]``
+        marks packed documents (see :func:`document_layout`); None = one causal sequence."""
+        x = embed(self.tok_embeddings, tokens)
+        for layer in self.layers:
+            x = layer(x, start_pos, kv_cache, doc_ids)
+        logits = self.output(self.norm(x))  # [s, b, V/tp]
+        if targets is not None:
+            return head_loss(logits, targets, self.ctx, self.cfg.vocab_size, loss_mask)
+        return gather_from_tp(logits, self.ctx.tp_group).transpose(0, 1)
+
+    def new_kv_cache(self, batch_size: int, max_seq_len: Optional[int] = None, dtype=None, device=None) -> KVCache:
+        cfg = self.cfg
+        return KVCache(cfg.n_layers, batch_size, cfg.kv_heads // self.ctx.tp_size, max_seq_len or cfg.max_seq_len,
+                       cfg.head_dim, dtype or self.output.weight.dtype, device or self.output.weight.device)
+
+    def init_weights(self, seed: int) -> "Transformer":
+        init_parameters(self.named_parameters(), self.cfg, seed, self.ctx)
+        return self
+
+
+def init_parameters(named_params: Iterable[tuple[str, nn.Parameter]], cfg: ModelConfig, seed: int,
+                    ctx: ParallelContext) -> None:
+    """Layout-independent init by canonical name: N(0, init_std) for embeddings and input
+    projections, N(0, init_std/sqrt(2L)) for the residual outputs (wo, w2), ones for norms."""
+    out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    for name, p in named_params:
+        if name.endswith("norm.weight"):
+            with torch.no_grad():
+                p.fill_(1.0)
+            continue
+        std = out_std if name.endswith(("wo.weight", "w2.weight")) else cfg.init_std
+        init_normal_(p, name, seed, std, ctx.tp_rank, ctx.tp_size)
+
+
+def build_model(cfg: ModelConfig, ctx: Optional[ParallelContext] = None, seed: int = 1234, **kwargs) -> Transformer:
+    """A model with layout-independent initial weights."""
+    return Transformer(cfg, ctx, **kwargs).init_weights(seed)

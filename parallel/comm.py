@@ -1,0 +1,269 @@
+"""Communication regions as small named autograd functions (after Megatron-LM's mappings).
+
+Tensor-parallel (TP) regions, along the last (hidden) dimension::
+
+    copy_to_tp          forward: identity            backward: all-reduce
+    reduce_from_tp      forward: all-reduce          backward: identity
+    scatter_to_tp       forward: keep own chunk      backward: all-gather
+    gather_from_tp      forward: all-gather          backward: keep own chunk
+
+Sequence-parallel (SP) regions, along dimension 0 (activations are sequence-first,
+``[s, b, h]``, so these collectives work on contiguous memory)::
+
+    scatter_to_sp               forward: keep own chunk   backward: all-gather
+    gather_from_sp              forward: all-gather       backward: reduce-scatter
+    reduce_scatter_to_sp        forward: reduce-scatter   backward: all-gather
+
+``linear_with_grad_comm`` is the column-parallel matmul whose backward overlaps the
+input-gradient all-reduce (reduce-scatter under SP) with the weight-gradient matmul.
+
+A ``group`` of ``None`` means a TP size of 1: every function is then the identity.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+Group = Optional[dist.ProcessGroup]
+
+
+def _all_gather_single(*args, **kwargs):  # torch >= 2.10 renamed all_gather_into_tensor
+    return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(*args, **kwargs)
+
+
+def _reduce_scatter_single(*args, **kwargs):  # torch >= 2.10 renamed reduce_scatter_tensor
+    return (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(*args, **kwargs)
+
+
+def group_size(group: Group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: Group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+# ----------------------------------------------------------------------------- raw collectives
+
+def all_reduce(x: torch.Tensor, group: Group, async_op: bool = False):
+    if group_size(group) == 1:
+        return None if async_op else x
+    handle = dist.all_reduce(x, group=group, async_op=async_op)
+    return handle if async_op else x
+
+
+def all_gather_dim0(x: torch.Tensor, group: Group, async_op: bool = False):
+    """Concatenate every rank's ``x`` along dim 0; returns (out, handle) when async."""
+    n = group_size(group)
+    if n == 1:
+        return (x, None) if async_op else x
+    x = x.contiguous()
+    out = torch.empty((n * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    handle = _all_gather_single(out, x, group=group, async_op=async_op)
+    return (out, handle) if async_op else out
+
+
+def reduce_scatter_dim0(x: torch.Tensor, group: Group, async_op: bool = False):
+    """Sum over ranks, keep this rank's chunk of dim 0; returns (out, handle) when async."""
+    n = group_size(group)
+    if n == 1:
+        return (x, None) if async_op else x
+    if x.shape[0] % n:
+        raise ValueError(f"dimension 0 ({x.shape[0]}) is not divisible by the group size {n}")
+    x = x.contiguous()
+    out = torch.empty((x.shape[0] // n,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    handle = _reduce_scatter_single(out, x, group=group, async_op=async_op)
+    return (out, handle) if async_op else out
+
+
+def _split_last(x: torch.Tensor, group: Group) -> torch.Tensor:
+    n = group_size(group)
+    if n == 1:
+        return x
+    if x.shape[-1] % n:
+        raise ValueError(f"last dimension ({x.shape[-1]}) is not divisible by the group size {n}")
+    return x.chunk(n, dim=-1)[group_rank(group)].contiguous()
+
+
+def _gather_last(x: torch.Tensor, group: Group) -> torch.Tensor:
+    n = group_size(group)
+    if n == 1:
+        return x
+    gathered = all_gather_dim0(x.movedim(-1, 0), group)  # [n * h_local, ...]
+    return gathered.movedim(0, -1).contiguous()
+
+
+def _split_dim0(x: torch.Tensor, group: Group) -> torch.Tensor:
+    n = group_size(group)
+    if n == 1:
+        return x
+    if x.shape[0] % n:
+        raise ValueError(f"sequence length ({x.shape[0]}) is not divisible by the TP size {n}")
+    return x.chunk(n, dim=0)[group_rank(group)].contiguous()
+
+
+# ----------------------------------------------------------------------------- TP regions
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce(grad.contiguous(), ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce(x.contiguous().clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_last(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_last(grad, ctx.group), None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_last(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split_last(grad, ctx.group), None
+
+
+# ----------------------------------------------------------------------------- SP regions
+
+class _ScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_dim0(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_dim0(grad, ctx.group), None
+
+
+class _GatherFromSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, reduce_grad):
+        ctx.group, ctx.reduce_grad = group, reduce_grad
+        return all_gather_dim0(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.reduce_grad:
+            return reduce_scatter_dim0(grad, ctx.group), None, None
+        return _split_dim0(grad, ctx.group), None, None
+
+
+class _ReduceScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return reduce_scatter_dim0(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_dim0(grad, ctx.group), None
+
+
+def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _ReduceFromTP.apply(x, group)
+
+
+def scatter_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _ScatterToTP.apply(x, group)
+
+
+def gather_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _GatherFromTP.apply(x, group)
+
+
+def scatter_to_sp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _ScatterToSP.apply(x, group)
+
+
+def gather_from_sp(x: torch.Tensor, group: Group, reduce_grad: bool = True) -> torch.Tensor:
+    """All-gather the sequence; the gradient is reduce-scattered (``reduce_grad``) or split."""
+    return x if group_size(group) == 1 else _GatherFromSP.apply(x, group, reduce_grad)
+
+
+def reduce_scatter_to_sp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _ReduceScatterToSP.apply(x, group)
+
+
+# ----------------------------------------------------------------------------- overlapped linear
+
+class _LinearWithGradComm(torch.autograd.Function):
+    """``y = x @ W^T`` for a column-parallel weight, communication fused in.
+
+    Forward: under SP, all-gather the sequence-sharded input first.
+    Backward: the input gradient ``dY @ W`` is all-reduced (reduce-scattered under
+    SP) *asynchronously* while the weight gradient ``dY^T @ X`` is computed.
+    Under SP the full input is not kept: it is re-gathered in backward, overlapped
+    with the input-gradient matmul (Korthikanti et al. 2022's memory accounting).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, group, sequence_parallel):
+        ctx.group, ctx.sp = group, sequence_parallel
+        ctx.save_for_backward(x, weight)
+        total = all_gather_dim0(x, group) if sequence_parallel else x
+        return torch.matmul(total, weight.t())
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        group, sp = ctx.group, ctx.sp
+        gather = None
+        if sp:
+            total, gather = all_gather_dim0(x, group, async_op=True)
+        else:
+            total = x
+        grad_input = torch.matmul(grad_out, weight) if ctx.needs_input_grad[0] else None
+        if gather is not None:
+            gather.wait()
+        comm = None
+        if grad_input is not None:
+            if sp:
+                grad_input, comm = reduce_scatter_dim0(grad_input, group, async_op=True)
+            else:
+                comm = all_reduce(grad_input, group, async_op=True)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            go = grad_out.reshape(-1, grad_out.shape[-1])
+            grad_weight = go.t().matmul(total.reshape(-1, total.shape[-1]))
+        if comm is not None:
+            comm.wait()
+        return grad_input, grad_weight, None, None
+
+
+def linear_with_grad_comm(x: torch.Tensor, weight: torch.Tensor, group: Group,
+                          sequence_parallel: bool = False) -> torch.Tensor:
+    if group_size(group) == 1:
+        return torch.nn.functional.linear(x, weight)
+    return _LinearWithGradComm.apply(x, weight, group, sequence_parallel)

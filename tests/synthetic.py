@@ -1,0 +1,39 @@
+"""A deterministic in-memory dataset for layout tests (no tokenizer, no files)."""
+
+from types import SimpleNamespace
+
+import numpy as np
+
+
+class RandomTokens:
+    def __init__(self, n: int, seq_len: int, vocab: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        # a learnable structure: each sequence counts upward from a random start
+        starts = rng.integers(0, vocab, size=n)
+        noise = rng.integers(0, 3, size=(n, seq_len + 1))
+        self.data = ((starts[:, None] + np.arange(seq_len + 1)[None, :] + noise) % vocab).astype(np.int64)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data[i]
+
+
+def bundle(cfg, seed: int = 0):
+    t = cfg.train
+    n = t.total_steps() * t.global_batch_size
+    return SimpleNamespace(train=RandomTokens(n, t.seq_len, cfg.model.vocab_size, seed),
+                           valid=RandomTokens(t.eval_iters * t.global_batch_size, t.seq_len,
+                                              cfg.model.vocab_size, seed + 1))
+
+
+def train_tiny(world: int, settings: list, run_dir: str, real_data: bool = False):
+    """Train the tiny preset with ``settings`` (``section.key=value``) into ``run_dir``; the Summary.
+
+    Synthetic tokens unless ``real_data`` (then the embedded default corpus)."""
+    from megallama.config import load_config, validate
+    from megallama.train import train
+
+    cfg = validate(load_config(None, list(settings) + [f"train.run_dir={run_dir}"], preset="tiny"), world)
+    return train(cfg, data=None if real_data else bundle(cfg))

@@ -1,0 +1,118 @@
+"""A catalogue of bad inputs to ``megallama train``: each is answered by ONE line that names the
+field or file and the fix, exit status 2, before any process group, directory or file exists.
+
+The catalogue runs in-process through ``megallama.cli.main`` (the function behind
+``python -m megallama``) to stay fast; two cases go through a real subprocess, one of them
+with a 2-rank launcher, to pin the exit status end to end.
+"""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch.distributed as dist
+
+from megallama.cli import main
+from megallama.config import TrainConfig
+from tests.launch import ROOT, env, megallama
+
+
+def _tokenizer() -> str:
+    from megallama.data.pipeline import default_corpus
+
+    return default_corpus(512)[1]  # the tiny preset's cached default-corpus tokenizer
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+# (id, extra arguments (a callable of tmp_path), expected fragment of the one-line message)
+CATALOGUE = [
+    ("typo-key", lambda d: ["--set", "train.stpes=5"],
+     "unknown config key 'train.stpes' (did you mean 'steps'?)"),
+    ("typo-section", lambda d: ["--set", "trian.steps=5"],
+     "unknown config key 'trian' (did you mean 'train'?)"),
+    ("typo-in-yaml", lambda d: ["--config", _write(d / "c.yaml", "preset: tiny\nmodel:\n  n_layer: 2\n")],
+     "unknown config key 'model.n_layer' (did you mean 'n_layers'?)"),
+    ("wrong-type-int", lambda d: ["--set", "train.steps=ten"], "train.steps: expected an integer, got 'ten'"),
+    ("wrong-type-bool", lambda d: ["--set", "train.tensorboard=maybe"],
+     "train.tensorboard: expected true or false, got 'maybe'"),
+    ("wrong-type-section", lambda d: ["--set", "optim=3"], "optim: expected a mapping of OptimConfig fields"),
+    ("heads-vs-tp", lambda d: ["--set", "parallel.tp=3"],
+     "model.n_heads (4) must be divisible by parallel.tp (3); choose tp among its divisors"),
+    ("layers-vs-pp", lambda d: ["--set", "parallel.pp=3"],
+     "model.n_layers (4) must be divisible by parallel.pp (3)"),
+    ("world-vs-layout", lambda d: ["--set", "parallel.dp=4"], "world size 1 != tp*pp*dp = 1*1*4"),
+    ("zero3-with-pp", lambda d: ["--set", "parallel.pp=2", "--set", "parallel.zero_stage=3"],
+     "parallel.zero_stage=3 is not supported with pipeline parallelism"),
+    ("batch-not-divisible", lambda d: ["--set", "train.global_batch_size=9"],
+     "train.global_batch_size (9) must be divisible by micro_batch_size*dp = 2*1; adjust the batch sizes"),
+    ("seq-too-long", lambda d: ["--set", "train.seq_len=128"],
+     "train.seq_len (128) exceeds model.max_seq_len (64)"),
+    ("bad-max-bad-steps", lambda d: ["--set", "train.max_bad_steps=0"], "train.max_bad_steps must be >= 1, got 0"),
+    ("unknown-preset", lambda d: ["--preset", "tinny"], "unknown preset 'tinny' (did you mean 'tiny'?)"),
+    ("missing-config", lambda d: ["--config", str(d / "nope.yaml")], "config file"),
+    ("invalid-yaml", lambda d: ["--config", _write(d / "bad.yaml", "model: [1,\n")], "is not valid YAML"),
+    ("missing-tokenizer", lambda d: ["--config", _write(d / "t.yaml", f"""preset: tiny
+data: {{tokenizer: {d}/missing.model, sources: [{{path: {d}/corpus}}]}}
+""")], "missing.model' not found"),
+    ("missing-dataset", lambda d: ["--config", _write(d / "s.yaml", f"""preset: tiny
+data: {{tokenizer: {_tokenizer()}, sources: [{{path: {d}/nowhere/corpus}}]}}
+""")], "nowhere/corpus.idx' not found; build it with `megallama preprocess"),
+    ("sources-without-tokenizer", lambda d: ["--config", _write(d / "n.yaml", f"""preset: tiny
+data: {{sources: [{{path: {d}/corpus}}]}}
+""")], "data.tokenizer is empty but data.sources is set"),
+]
+
+
+@pytest.mark.parametrize("case,extra,message", CATALOGUE, ids=[c[0] for c in CATALOGUE])
+def test_bad_input_is_one_line_exit_2_and_creates_nothing(case, extra, message, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = ["train", "--set", f"train.run_dir={run_dir}", *extra(tmp_path)]
+    if "--preset" not in args and "--config" not in args:
+        args[1:1] = ["--preset", "tiny"]
+    status = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    assert err[0].startswith("megallama train: error: ") and message in err[0], err[0]
+    assert not run_dir.exists() and not dist.is_initialized()
+
+
+def test_checkpoint_of_another_model_shape_is_refused(tmp_path, capsys):
+    if not (ROOT / "megallama" / "checkpoint.py").exists():
+        pytest.skip("checkpoint save/resume (megallama/checkpoint.py) is not in this checkout yet")
+    run_dir = tmp_path / "run"
+    base = ["train", "--preset", "tiny", "--set", f"train.run_dir={run_dir}", "--set", "train.steps=1",
+            "--set", "train.tensorboard=false"]
+    r = subprocess.run(megallama(*base), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    before = sorted(p.name for p in run_dir.rglob("*"))
+    status = main(base + ["--set", "model.dim=128"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "model.dim" in err[0], err
+    assert sorted(p.name for p in run_dir.rglob("*")) == before
+
+
+def test_exit_status_2_through_the_real_cli(tmp_path):
+    r = subprocess.run(megallama("train", "--preset", "tiny", "--set", "train.stpes=5"), cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "megallama train: error: unknown config key 'train.stpes' (did you mean 'steps'?); valid keys here: "
+        + ", ".join(f.name for f in dataclasses.fields(TrainConfig))), r.stderr
+
+
+@pytest.mark.slow
+def test_bad_layout_under_torchrun_fails_on_every_rank_before_rendezvous(tmp_path):
+    from megallama.distributed import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "megallama", "train", "--preset", "tiny", "--set", f"train.run_dir={tmp_path / 'run'}",
+           "--set", "train.global_batch_size=6"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    lines = [x for x in r.stderr.splitlines() if x.startswith("megallama train: error:")]
+    assert len(lines) == 2 and all("train.global_batch_size (6) must be divisible by micro_batch_size*dp = 2*2"
+                                   in x for x in lines), r.stderr[-2000:]
+    assert r.returncode != 0 and not (tmp_path / "run").exists()

@@ -1,0 +1,204 @@
+"""Checkpoints: resume really resumes (bit for bit), saves are atomic, bad checkpoints give
+one-line errors (exit 2) and leave the run directory untouched.
+
+Every run is ``megallama train --preset tiny`` (fp32, CPU, the cached default corpus) in a
+subprocess, as a user would run it; losses come from ``metrics.jsonl``.  The reference is one
+uninterrupted run with the same command.
+"""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.ckpt_helpers import (ROOT, env, kill_group, last_per_step, megallama, megallama_cmd, metrics, snapshot, start,
+                                train_args, wait_for_step)
+
+STEPS = 8
+RUN = [f"train.steps={STEPS}", "train.save_interval=2", "train.keep_last=2"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run: its run dir and {step: metrics row}."""
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    r = megallama(*train_args(run_dir, *RUN))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = metrics(run_dir)
+    assert [x["step"] for x in rows] == list(range(1, STEPS + 1))
+    return run_dir, last_per_step(rows)
+
+
+def _assert_bitwise(run_dir, ref_rows):
+    rows = metrics(run_dir)
+    got = last_per_step(rows)
+    assert sorted(got) == sorted(ref_rows)
+    for step, row in ref_rows.items():  # exact float equality, not a tolerance
+        assert (got[step]["loss"], got[step]["grad_norm"], got[step]["lr"]) == \
+               (row["loss"], row["grad_norm"], row["lr"]), f"step {step}: {got[step]} != {row}"
+    # steps logged twice (trained before the kill and replayed after resume) read the same samples
+    for first in rows:
+        assert first["loss"] == got[first["step"]]["loss"]
+
+
+def test_keep_last_and_latest(reference):
+    run_dir, _ = reference
+    root = run_dir / "checkpoints"
+    assert (root / "latest").read_text() == "step_00000008"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000006", "step_00000008"]
+    meta = json.loads((root / "step_00000008" / "meta.json").read_text())
+    assert meta["step"] == 8 and meta["consumed_samples"] == 8 * 8  # tiny: 8 sequences per step
+    assert meta["tokenizer_fingerprint"] and (root / "step_00000008" / "tokenizer.model").is_file()
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_step_then_resume_is_bitwise(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(megallama_cmd(*train_args(run_dir, *RUN)))
+    killed_after = wait_for_step(proc, run_dir, 5)
+    kill_group(proc)
+    assert killed_after < STEPS
+    r = megallama(*train_args(run_dir, *RUN))
+    assert r.returncode == 0, r.stderr[-2000:]
+    resumed = int(r.stdout.split("(step ")[1].split(",")[0])
+    assert 2 <= resumed <= killed_after and f"{resumed * 8:,} samples consumed" in r.stdout
+    _assert_bitwise(run_dir, reference[1])
+
+
+@pytest.mark.slow
+def test_kill_during_save_leaves_previous_checkpoint(reference, tmp_path):
+    from megallama.checkpoint import CheckpointReader, latest_checkpoint
+
+    run_dir = tmp_path / "run"
+    r = megallama(*train_args(run_dir, *RUN), MEGALLAMA_FAULT_INJECT="kill-during-save@6")
+    assert r.returncode == -signal.SIGKILL
+    root = run_dir / "checkpoints"
+    assert latest_checkpoint(run_dir).name == "step_00000004"
+    assert (root / "step_00000006.tmp").is_dir() and not (root / "step_00000006").exists()
+    reader = CheckpointReader(run_dir)  # verifies sizes and sha256 of every file
+    assert reader.meta["step"] == 4 and reader.has_optimizer
+    r = megallama(*train_args(run_dir, *RUN))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(step 4," in r.stdout
+    assert not list(root.glob("*.tmp"))  # the stale partial save is cleaned up
+    _assert_bitwise(run_dir, reference[1])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_75_and_resumes(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(megallama_cmd(*train_args(run_dir, *RUN)))
+    wait_for_step(proc, run_dir, 1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    stopped = metrics(run_dir)[-1]["step"]
+    assert f"checkpoints/step_{stopped:08d}" in out
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stopped:08d}"
+    r = megallama(*train_args(run_dir, *RUN))
+    assert r.returncode == 0 and f"(step {stopped}," in r.stdout, r.stderr[-2000:]
+    _assert_bitwise(run_dir, reference[1])
+
+
+# ----------------------------------------------------------------------------- bad checkpoints
+
+def _damage_truncate(ckpt):
+    f = ckpt / "model_tp00_pp00.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    return "truncated or corrupt", f.name
+
+
+def _damage_flip(ckpt):
+    f = ckpt / "optim_tp00_pp00.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-7] ^= 0xFF
+    f.write_bytes(bytes(data))
+    return "truncated or corrupt", f.name
+
+
+def _damage_missing(ckpt):
+    (ckpt / "model_tp00_pp00.safetensors").unlink()
+    return "is missing", "model_tp00_pp00.safetensors"
+
+
+def _damage_meta(ckpt):
+    (ckpt / "meta.json").write_text("{not json")
+    return "corrupt", "meta.json"
+
+
+@pytest.mark.parametrize("damage", [pytest.param(_damage_truncate, marks=pytest.mark.slow),
+                                    pytest.param(_damage_flip, marks=pytest.mark.slow), _damage_missing, _damage_meta],
+                         ids=["truncated", "bitflip", "missing-shard", "corrupt-meta"])
+def test_damaged_checkpoint_is_a_one_line_error(reference, tmp_path, damage):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference[0], run_dir)
+    expect, name = damage(run_dir / "checkpoints" / "step_00000008")
+    before = snapshot(run_dir)
+    r = megallama(*train_args(run_dir, *RUN[:1] + ["train.steps=10"]))
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("megallama train: error:") and expect in line and name in line, r.stderr[-2000:]
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("override,expect", [
+    ("model.dim=128", "model.dim=64 but the config says 128"),
+    ("parallel.tp=2", "world size 1"),
+], ids=["other-model-shape", "layout-does-not-fit"])
+def test_mismatched_config_is_a_one_line_error(reference, tmp_path, override, expect):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference[0], run_dir)
+    before = snapshot(run_dir)
+    r = megallama(*train_args(run_dir, "train.steps=10", override))
+    assert r.returncode == 2 and expect in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert snapshot(run_dir) == before
+
+
+# ----------------------------------------------------------------------------- ZeRO stages
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"),
+                                             (1, "bf16"), (3, "bf16")])  # bf16+ZeRO-0: DeepSpeed refuses to train
+def test_resume_bitwise_at_each_zero_stage(tmp_path, stage, precision):
+    """Killed during the final save (so the step-2 checkpoint is the latest), then resumed:
+    steps 3 and 4 replay bit for bit."""
+    run_dir = tmp_path / "run"
+    args = train_args(run_dir, "train.steps=4", "train.save_interval=2", f"parallel.zero_stage={stage}",
+                      f"train.precision={precision}")
+    r = megallama(*args, MEGALLAMA_FAULT_INJECT="kill-during-save@4")
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    first = last_per_step(metrics(run_dir))
+    assert sorted(first) == [1, 2, 3, 4]
+    r = megallama(*args)
+    assert r.returncode == 0 and "(step 2," in r.stdout, r.stderr[-2000:]
+    again = last_per_step(metrics(run_dir))
+    assert [again[s]["loss"] for s in (3, 4)] == [first[s]["loss"] for s in (3, 4)]
+    assert [again[s]["grad_norm"] for s in (3, 4)] == [first[s]["grad_norm"] for s in (3, 4)]
+
+
+# ----------------------------------------------------------------------------- two ranks
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_rank_sigkill_then_resume_is_bitwise(tmp_path):
+    """torchrun, tp=2: SIGKILL the launcher and both ranks mid-run, rerun the same command."""
+    from tests.distributed import free_port
+
+    def cmd(run_dir):
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(free_port()), "-m", "megallama",
+                *train_args(run_dir, *RUN, "parallel.tp=2")]
+
+    ref = subprocess.run(cmd(tmp_path / "ref"), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    run_dir = tmp_path / "run"
+    proc = start(cmd(run_dir))
+    wait_for_step(proc, run_dir, 5)
+    kill_group(proc)
+    r = subprocess.run(cmd(run_dir), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
+    _assert_bitwise(run_dir, last_per_step(metrics(tmp_path / "ref")))

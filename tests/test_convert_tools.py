@@ -1,0 +1,251 @@
+"""Offline checkpoint tools: reshard, Hugging Face export/import, Meta import/export.
+
+Independent references: the source checkpoint's own tensors (round trips must be exact),
+transformers' LlamaForCausalLM (logits), the source layout's training losses (resumed
+training at another layout), and Meta's concatenation rules written out by hand.
+"""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from megallama.checkpoint import MOMENTS, CheckpointReader, write_run_checkpoint
+from megallama.config import load_config, preset_config, validate
+from megallama.convert import ours_to_meta
+from megallama.model import Transformer, build_model
+from tests.ckpt_helpers import megallama, snapshot
+from tests.distributed import run_ranks
+
+BASE = ["train.tensorboard=false", "train.precision=fp32", "train.global_batch_size=8", "train.steps=6",
+        "train.save_interval=3"]
+
+
+def _train_case(rank, world, overrides, run_dir):
+    from megallama.train import train
+    from tests.synthetic import bundle
+
+    cfg = validate(load_config(None, BASE + [f"train.run_dir={run_dir}"] + overrides, preset="tiny"), world)
+    return train(cfg, data=bundle(cfg)).losses
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A trained 1x1 run (synthetic data): its run dir and its 6 losses; step 3 is kept."""
+    run_dir = tmp_path_factory.mktemp("src") / "run"
+    losses = run_ranks(_train_case, 1, [], str(run_dir), timeout=240)[0]
+    return run_dir, losses
+
+
+def _logits(reader, tokens):
+    model = Transformer(reader.config.model)
+    model.load_state_dict(reader.state_dict())
+    with torch.no_grad():
+        return model.eval()(tokens)
+
+
+def _assert_same_tensors(a, b, moments=True):
+    assert sorted(a.names()) == sorted(b.names())
+    for n in a.names():
+        assert torch.equal(a.full(n), b.full(n)), n
+        for k in MOMENTS if moments else ():
+            assert torch.equal(a.full(n, k), b.full(n, k)), f"{n}/{k}"
+
+
+def test_reshard_round_trips_are_exact(source, tmp_path):
+    from tools.reshard import reshard
+
+    src = CheckpointReader(source[0] / "checkpoints" / "step_00000003")
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    want = _logits(src, tokens)
+    prev = src.path
+    for tp, pp in [(2, 2), (1, 1), (2, 1), (1, 2)]:
+        out = tmp_path / f"r{tp}x{pp}"
+        reshard(prev, out, tp, pp)
+        r = CheckpointReader(out)
+        assert (r.tp, r.pp) == (tp, pp) and len(list(r.path.glob("model_*.safetensors"))) == tp * pp
+        assert {k: r.meta[k] for k in ("step", "consumed_samples", "lr_scheduler_last_epoch", "optimizer_lrs")} == \
+               {k: src.meta[k] for k in ("step", "consumed_samples", "lr_scheduler_last_epoch", "optimizer_lrs")}
+        assert not list(r.path.glob("rng/*"))  # per-rank RNG states are dropped (world size changes)
+        _assert_same_tensors(src, r)
+        assert torch.equal(_logits(r, tokens), want)
+        prev = out
+    reshard(prev, tmp_path / "w", 1, 1, weights_only=True)
+    assert not CheckpointReader(tmp_path / "w").has_optimizer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_training_resumed_at_new_layout_matches_source(source, tmp_path, tp, pp):
+    from tools.reshard import reshard
+
+    run_dir, losses = source
+    out = tmp_path / "run"
+    reshard(run_dir / "checkpoints" / "step_00000003", out, tp, pp)
+    resumed = run_ranks(_train_case, tp * pp, [f"parallel.tp={tp}", f"parallel.pp={pp}"], str(out), timeout=240)[0]
+    assert len(resumed) == 3
+    for a, b in zip(resumed, losses[3:]):
+        assert abs(a - b) <= 1e-4 * abs(b), (resumed, losses[3:])
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+@pytest.fixture(scope="module")
+def model_ckpt(tmp_path_factory):
+    """A weights-only checkpoint of a GQA model whose vocabulary needs padding, with a tokenizer."""
+    from megallama.data.pipeline import default_corpus
+
+    cfg = preset_config("tiny")
+    cfg = replace(cfg, model=replace(cfg.model, n_kv_heads=2, vocab_size=500))
+    weights = build_model(cfg.model, seed=3).state_dict()
+    tok = default_corpus(512)[1]
+    return write_run_checkpoint(tmp_path_factory.mktemp("m") / "run", cfg, weights, tokenizer_path=tok), cfg
+
+
+def test_export_hf_loads_in_transformers_with_equal_logits(model_ckpt, tmp_path):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from megallama.data.tokenizer import Tokenizer
+
+    ckpt, cfg = model_ckpt
+    r = megallama("export-hf", "--checkpoint", str(ckpt.parent.parent), "--output", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    hf = LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    tokens = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(1))
+    ours = _logits(CheckpointReader(ckpt), tokens)[..., :500]
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+    assert (ours - theirs).abs().max().item() < 1e-5
+    text = "def f(x):\n    return x  # 123 héllo\n"
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert tok(text).input_ids == Tokenizer(str(ckpt / "tokenizer.model")).encode(text, bos=True)
+
+
+def test_export_hf_sharded_then_import_gives_identical_weights(model_ckpt, tmp_path):
+    from tools.hf import export_hf, import_hf
+
+    ckpt, cfg = model_ckpt
+    export_hf(ckpt, tmp_path / "hf", max_shard_mb=0.05)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    out = import_hf(tmp_path / "hf", tmp_path / "back", tp=2)
+    a, b = CheckpointReader(ckpt), CheckpointReader(out)
+    # HF stores the FFN width, not LLaMA's rounding recipe: the recipe may differ, the width may not
+    assert b.config.model.ffn_hidden == cfg.model.ffn_hidden
+    assert b.config.model == replace(cfg.model, max_seq_len=b.config.model.max_seq_len,
+                                     multiple_of=b.config.model.multiple_of)
+    assert (b.tp, b.meta["step"], b.has_optimizer) == (2, 0, False)
+    for n in a.names():
+        assert torch.equal(a.full(n)[:500], b.full(n)[:500]), n
+
+
+# ----------------------------------------------------------------------------- Meta
+
+def test_meta_round_trip_with_two_model_parallel_shards(model_ckpt, tmp_path):
+    ckpt, cfg = model_ckpt
+    r = megallama("export-meta", "--checkpoint", str(ckpt), "--output", str(tmp_path / "meta"), "--mp", "2")
+    assert r.returncode == 0, r.stderr
+    full = ours_to_meta(CheckpointReader(ckpt).state_dict(), cfg.model)
+    shards = [torch.load(tmp_path / "meta" / f"consolidated.0{i}.pth", weights_only=True) for i in range(2)]
+    for i, s in enumerate(shards):  # Meta's release rules, spelled out independently
+        assert torch.equal(s["layers.1.attention.wq.weight"], full["layers.1.attention.wq.weight"].chunk(2, 0)[i])
+        assert torch.equal(s["layers.1.attention.wk.weight"], full["layers.1.attention.wk.weight"].chunk(2, 0)[i])
+        assert torch.equal(s["layers.1.attention.wo.weight"], full["layers.1.attention.wo.weight"].chunk(2, 1)[i])
+        assert torch.equal(s["layers.1.feed_forward.w2.weight"], full["layers.1.feed_forward.w2.weight"].chunk(2, 1)[i])
+        assert torch.equal(s["tok_embeddings.weight"], full["tok_embeddings.weight"][:, 32 * i:32 * (i + 1)])
+        assert torch.equal(s["output.weight"], full["output.weight"][250 * i:250 * (i + 1)])
+        assert torch.equal(s["norm.weight"], full["norm.weight"])
+    from tools.meta import import_meta
+
+    back = CheckpointReader(import_meta(tmp_path / "meta", tmp_path / "back", tp=2))
+    got = ours_to_meta(back.state_dict(), back.config.model)
+    assert got.keys() == full.keys() and all(torch.equal(got[k], full[k]) for k in full)
+    assert back.config.model == replace(cfg.model, max_seq_len=back.config.model.max_seq_len)
+    assert (back.path / "tokenizer.model").is_file()
+
+
+@pytest.mark.slow
+def test_imported_checkpoint_trains_from_its_weights(model_ckpt, tmp_path):
+    """`train` on an imported (weights-only) run dir starts at step 0 from those weights: its first
+    loss is the imported model's loss on the first global batch."""
+    from tools.meta import export_meta, import_meta
+    from tests.synthetic import bundle
+
+    ckpt, cfg = model_ckpt
+    export_meta(ckpt, tmp_path / "meta", mp=2)
+    run_dir = import_meta(tmp_path / "meta", tmp_path / "run").parent.parent
+    over = ["model.n_kv_heads=2", "model.vocab_size=500", "model.max_seq_len=2048", "train.steps=2"]
+    losses = run_ranks(_train_case, 1, over, str(run_dir), timeout=240)[0]
+    tcfg = validate(load_config(None, BASE + over, preset="tiny"), 1)
+    batch = torch.from_numpy(bundle(tcfg).train.data[:8])
+    model = Transformer(tcfg.model)
+    model.load_state_dict(CheckpointReader(ckpt).state_dict())
+    with torch.no_grad():
+        want = model(batch[:, :-1], batch[:, 1:]).item()
+    assert abs(losses[0] - want) <= 1e-5 * abs(want) and len(losses) == 2
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _hf_rope_scaling(d):
+    c = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**c, "rope_scaling": {"type": "linear", "factor": 2.0}}))
+    return ["import-hf", str(d)], "rope_scaling"
+
+
+def _hf_corrupt(d):
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    return ["import-hf", str(d)], "model.safetensors' is truncated or corrupt"
+
+
+def _meta_missing_shard(d):
+    (d / "consolidated.00.pth").unlink()
+    return ["import-meta", str(d)], "consolidated.00.pth' is missing"
+
+
+def _meta_other_shape(d):
+    p = json.loads((d / "params.json").read_text())
+    (d / "params.json").write_text(json.dumps({**p, "n_layers": 2}))
+    return ["import-meta", str(d)], "another model shape"
+
+
+def _meta_pickle_code(d):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (d / "consolidated.00.pth").write_bytes(pickle.dumps({"x": Evil()}))
+    return ["import-meta", str(d)], "consolidated.00.pth' is truncated, corrupt or not a plain tensor file"
+
+
+@pytest.mark.parametrize("damage", [pytest.param(_hf_rope_scaling, marks=pytest.mark.slow), _hf_corrupt,
+                                    pytest.param(_meta_missing_shard, marks=pytest.mark.slow), _meta_other_shape,
+                                    _meta_pickle_code],
+                         ids=["hf-rope-scaling", "hf-corrupt", "meta-missing-shard", "meta-shape", "meta-pickle"])
+def test_bad_sources_are_one_line_errors(model_ckpt, tmp_path, damage):
+    from tools.hf import export_hf
+    from tools.meta import export_meta
+
+    ckpt, _ = model_ckpt
+    src = tmp_path / "src"
+    (export_hf if "hf" in damage.__name__ else lambda c, o: export_meta(c, o, mp=2))(ckpt, src)
+    args, expect = damage(src)
+    before = snapshot(tmp_path)
+    r = megallama(*args, "--output", str(tmp_path / "out"))
+    assert r.returncode == 2 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "pwned" not in r.stdout and snapshot(tmp_path) == before
+
+
+def test_reshard_refuses_bad_layout_and_existing_output(model_ckpt, tmp_path):
+    ckpt, _ = model_ckpt
+    r = megallama("reshard", "--checkpoint", str(ckpt), "--tp", "3", "--pp", "1", "--output", str(tmp_path / "o"))
+    assert r.returncode == 2 and "divisible by parallel.tp (3)" in r.stderr and not (tmp_path / "o").exists()
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep").write_text("x")
+    r = megallama("reshard", "--checkpoint", str(ckpt), "--tp", "1", "--pp", "1", "--output", str(tmp_path / "o"))
+    assert r.returncode == 2 and "already exists" in r.stderr
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["keep"]

@@ -1,0 +1,103 @@
+"""Curation: exact dedup (lines for web, files for code), heuristic filters, MinHash near-dedup, CLI report."""
+
+import json
+import random
+import re
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from megallama.data.curate import CurateConfig, Curator, MinHashLSH, strip_license_header
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+WORDS = re.findall(r"[a-z]{3,9}", (STDLIB / "this.py").read_text().lower() + (STDLIB / "textwrap.py").read_text().lower())
+
+
+def prose(seed: int, n: int = 300) -> str:
+    rng = random.Random(seed)
+    sentences = [" ".join(rng.choice(WORDS) for _ in range(12)).capitalize() + "." for _ in range(n // 12)]
+    return "\n".join(" ".join(sentences[i:i + 3]) for i in range(0, len(sentences), 3))
+
+
+def mutate(text: str, fraction: float, seed: int) -> str:
+    rng = random.Random(seed)
+    words = text.split(" ")
+    for i in rng.sample(range(len(words)), int(fraction * len(words))):
+        words[i] = rng.choice(WORDS)
+    return " ".join(words)
+
+
+def jaccard(a: str, b: str, k: int = 5) -> float:
+    """Exact Jaccard similarity of word k-gram sets: the independent reference for MinHash."""
+    def shingles(t):
+        w = re.findall(r"\w+", t.lower())
+        return {tuple(w[i:i + k]) for i in range(len(w) - k + 1)}
+    sa, sb = shingles(a), shingles(b)
+    return len(sa & sb) / len(sa | sb)
+
+
+def test_minhash_estimates_jaccard():
+    lsh = MinHashLSH(CurateConfig(num_perm=256, bands=16))
+    base = prose(1, 2000)
+    for frac in (0.005, 0.05, 0.2):
+        other = mutate(base, frac, 2)
+        est = (lsh.signature(base) == lsh.signature(other)).mean()
+        assert abs(est - jaccard(base, other)) < 0.08, frac
+
+
+def test_near_duplicates_dropped_by_true_overlap():
+    base = prose(3, 3000)
+    near, far, unrelated = mutate(base, 0.002, 4), mutate(base, 0.1, 5), prose(6, 3000)
+    assert jaccard(base, near) > 0.95 and jaccard(base, far) < 0.7
+    cur = Curator(CurateConfig(source="books"))
+    kept = list(cur.run([base, near, far, unrelated, base]))
+    assert kept == [base, far, unrelated]
+    assert cur.report.removed == {"near duplicates (MinHash)": 1, "exact duplicate documents": 1}
+
+
+def test_web_line_dedup_and_filters():
+    a, b = prose(10), prose(11)
+    shared = "Cookie policy: we use cookies to improve your experience on this website today.\n"
+    doc1, doc2 = shared + a, shared + b + "\n" + a.splitlines()[0]
+    short = "Too short to be a page."
+    symbols = " ".join(["#tag"] * 30 + WORDS[:60])
+    cur = Curator(CurateConfig(source="web", near_dup_threshold=0))
+    kept = list(cur.run([doc1, doc2, short, symbols]))
+    assert kept == [doc1, b + "\n"]  # the shared line and the repeated line removed from the second page
+    assert cur.report.removed == {"exact duplicate lines": 2, "filter: too short": 1, "filter: symbol ratio": 1}
+    assert (cur.report.documents_in, cur.report.documents_out) == (4, 2)
+
+
+def test_code_file_dedup_filters_and_boilerplate():
+    good = (STDLIB / "textwrap.py").read_text()
+    long_line = "x = '" + "a" * 2000 + "'\n"
+    minified = "x=1;" * 30 + "\n"
+    symbols = ("{}[]();:,.<>!?" * 4 + "\n") * 20
+    generated = "# This file is auto-generated. Do not edit.\nx = 1\n"
+    licensed = "#!/usr/bin/env python\n# Copyright 2020 Someone\n# Licensed under the MIT License\n\nprint('hi')\n"
+    cur = Curator(CurateConfig(source="code"))
+    kept = list(cur.run([good, good, long_line, minified, symbols, generated, licensed]))
+    assert kept == [good, "#!/usr/bin/env python\nprint('hi')\n"]
+    assert cur.report.removed == {"exact duplicate documents": 1, "filter: max line length": 1,
+                                  "filter: mean line length": 1, "filter: alphanumeric fraction": 1,
+                                  "filter: boilerplate (generated)": 1}
+    assert cur.report.headers_stripped == 1
+    assert strip_license_header("# just a comment\nx = 1\n") == "# just a comment\nx = 1\n"
+
+
+def test_cli_report_and_refusals(tmp_path):
+    docs = [prose(20, 3000), prose(21, 3000)]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs + [docs[0], mutate(docs[1], 0.002, 1)]))
+    out, rep = tmp_path / "out.jsonl", tmp_path / "rep.json"
+    cmd = [sys.executable, "-m", "megallama", "curate", "--input", str(inp), "--output", str(out), "--source", "books",
+           "--report", str(rep)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line)["text"] for line in out.read_text().splitlines()] == docs
+    report = json.loads(rep.read_text())
+    assert report["removed"] == {"exact duplicate documents": 1, "near duplicates (MinHash)": 1}
+    assert (report["documents_in"], report["documents_out"]) == (4, 2)
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "already exists; pass --force" in again.stderr

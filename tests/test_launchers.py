@@ -1,0 +1,64 @@
+"""The same tiny job under torchrun and the deepspeed launcher (2 ranks, CPU) reproduces the
+single-process ``megallama train`` losses; plain ``megallama train`` is the reference.
+Rank discovery from srun's variables is checked against what SLURM documents."""
+
+import sys
+
+import pytest
+
+from megallama.distributed import discover_srun, expand_nodelist, slurm_port, world_size_from_env
+from tests.launch import assert_matches_reference, free_port, megallama, reference_losses, run, train_args
+
+
+@pytest.mark.parametrize("nodelist,hosts", [
+    ("gpu07", ["gpu07"]),
+    ("node[01-03,7],login", ["node01", "node02", "node03", "node7", "login"]),
+    ("a[8-10]-ib,b[1-2]", ["a8-ib", "a9-ib", "a10-ib", "b1", "b2"]),
+    ("n[098-101]", ["n098", "n099", "n100", "n101"]),
+])
+def test_slurm_hostlists_expand_like_scontrol(nodelist, hosts):
+    assert expand_nodelist(nodelist) == hosts
+
+
+SRUN_TASK = dict(SLURM_JOB_ID="123456", SLURM_STEP_ID="0", SLURM_PROCID="5", SLURM_LOCALID="1", SLURM_NTASKS="8",
+                 SLURM_STEP_NODELIST="node[07-10]", SLURM_JOB_NODELIST="node[07-10]")
+
+
+def test_srun_task_fills_rank_world_and_rendezvous():
+    env = dict(SRUN_TASK)
+    assert discover_srun(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"], env["MASTER_PORT"]) == (
+        "5", "8", "1", "node07", str(20000 + 123456 % 20000))
+    assert slurm_port("123456") == 23456
+
+
+def test_launcher_variables_win_over_srun_and_batch_script_is_one_process(monkeypatch):
+    env = dict(SRUN_TASK, RANK="0", WORLD_SIZE="2")  # torchrun inside an allocation: its variables rule
+    assert not discover_srun(env) and env["WORLD_SIZE"] == "2"
+    batch = {k: v for k, v in SRUN_TASK.items() if k != "SLURM_STEP_ID"}  # the sbatch script itself
+    assert not discover_srun(dict(batch))
+    for k in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in batch.items():
+        monkeypatch.setenv(k, v)
+    assert world_size_from_env() == 1
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    assert world_size_from_env() == 8
+
+
+LAUNCHERS = {
+    "torchrun": lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                              "--master_port", str(port), "-m"],
+    # on CPU (DS_ACCELERATOR=cpu) the deepspeed launcher starts one process per --num_gpus slot
+    "deepspeed": lambda port: [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                               "--master_port", str(port), "--module"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_two_ranks_match_one_process(launcher, tmp_path, tmp_path_factory):
+    ref = reference_losses(tmp_path_factory.getbasetemp())
+    r, _ = run([*LAUNCHERS[launcher](free_port()), "megallama", "train", *train_args(tmp_path / "run")], timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_matches_reference(tmp_path / "run", ref)

@@ -1,0 +1,56 @@
+"""Every 3D layout trains exactly like one process: the first 10 losses (and gradient norms,
+so clipping is exercised) match the single-process run within 1e-4 relative (fp32, gloo)."""
+
+import pytest
+
+from tests.distributed import run_ranks
+
+BASE = ["train.steps=10", "train.tensorboard=false", "train.precision=fp32", "train.global_batch_size=8"]
+
+
+def _train_case(rank, world, overrides, run_dir):
+    from tests.synthetic import train_tiny
+
+    s = train_tiny(world, BASE + overrides, run_dir)
+    return s.losses, s.grad_norms
+
+
+_REFERENCE = {}
+
+
+def reference(tmp_path_factory, micro=2):
+    if micro not in _REFERENCE:
+        d = tmp_path_factory.mktemp("ref")
+        _REFERENCE[micro] = run_ranks(_train_case, 1, [f"train.micro_batch_size={micro}"], str(d), timeout=240)[0]
+    return _REFERENCE[micro]
+
+
+def _close(a, b, rel=1e-4):
+    return all(abs(x - y) <= rel * max(abs(x), abs(y), 1e-12) for x, y in zip(a, b)) and len(a) == len(b)
+
+
+LAYOUTS = [  # (world, overrides)
+    (2, ["parallel.tp=2"]),
+    (2, ["parallel.pp=2"]),
+    (2, ["parallel.zero_stage=1"]),                      # DP=2, micro 2 -> accumulation 2
+    (2, ["parallel.zero_stage=2", "train.micro_batch_size=4"]),  # accumulation 1
+    (2, ["parallel.zero_stage=3", "train.micro_batch_size=1"]),  # accumulation 4
+    (2, ["parallel.zero_stage=0"]),
+    pytest.param(4, ["parallel.tp=2", "parallel.pp=2"], marks=pytest.mark.slow),
+    pytest.param(4, ["parallel.pp=2"], marks=pytest.mark.slow),                                # 1x2x2
+    pytest.param(4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=2"],
+                 marks=pytest.mark.slow),                                                      # 2x1x2 SP
+    pytest.param(8, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"],
+                 marks=pytest.mark.slow),                                                      # 2x2x2 SP
+]
+
+
+@pytest.mark.parametrize("world,overrides", LAYOUTS, ids=lambda v: ",".join(v) if isinstance(v, list) else str(v))
+def test_layout_matches_one_process(world, overrides, tmp_path, tmp_path_factory):
+    ref_losses, ref_norms = reference(tmp_path_factory)
+    results = run_ranks(_train_case, world, overrides, str(tmp_path), timeout=300)
+    losses, norms = results[0]
+    assert _close(losses, ref_losses), f"losses {losses}\n   vs {ref_losses}"
+    assert _close(norms, ref_norms), f"grad norms {norms}\n   vs {ref_norms}"
+    for other, _ in results[1:]:  # every rank reports the same global loss
+        assert _close(other, losses)

@@ -1,0 +1,185 @@
+"""Planner: paper calibration (65B), DeepSpeed's ZeRO estimators, activation formulas, CLI."""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from megallama.config import preset_config
+from megallama.errors import ConfigError, UserError
+from megallama.hardware import GiB, gpu_spec, load_gpu_specs
+from tools.planner import (Layout, activation_bytes_per_layer, calibrated_efficiency, layer_params,
+                           model_state_bytes, plan, search, step_time)
+
+A100 = gpu_spec("A100-80GB")
+PAPER_65B = Layout(gpus=2048, tp=8, pp=4, zero_stage=1, micro_batch=1, seq_len=2048, global_batch=2048,
+                   checkpointing="selective", sequence_parallel=True)
+
+
+def megallama(*args):
+    return subprocess.run([sys.executable, "-m", "megallama", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("pp", [4, 8])
+def test_paper_65b_throughput_and_days(pp):
+    """Paper: about 380 tokens/s/GPU on 2048 A100-80GB, about 21 days for 1.4T tokens."""
+    est = plan(preset_config("llama-65b"), replace(PAPER_65B, pp=pp), A100)
+    assert est.fits
+    assert est.tokens_per_sec_per_gpu == pytest.approx(380, rel=0.15)
+    assert est.days == pytest.approx(21, rel=0.15)
+    assert 0.4 < est.mfu < 0.6
+
+
+def test_tokens_per_second_and_days_are_consistent():
+    est = plan(preset_config("llama-65b"), PAPER_65B, A100, tokens=10**12)
+    assert est.tokens_per_sec_per_gpu == pytest.approx(2048 * 2048 / est.step_time_s / 2048)
+    assert est.days == pytest.approx(10**12 / (est.tokens_per_sec_per_gpu * 2048) / 86400)
+    assert est.gpu_hours == pytest.approx(est.days * 24 * 2048)
+
+
+@pytest.mark.parametrize("params,gpus", [(7_000_000_000, 8), (65_285_660_672, 64), (1_000_000, 3)])
+def test_zero2_model_states_match_deepspeed(params, gpus):
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    _, ds_gpu = estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=gpus, cpu_offload=False)
+    ours = model_state_bytes(params, gpus, zero_stage=2)
+    assert sum(ours.values()) == pytest.approx(ds_gpu, abs=1)
+
+
+@pytest.mark.parametrize("preset,gpus", [("llama-7b", 8), ("llama-65b", 256)])
+def test_zero3_model_states_match_deepspeed(preset, gpus):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    m = preset_config(preset).model
+    total, largest = m.num_parameters(), max(layer_params(m), m.vocab_size * m.dim)
+    _, ds_gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, num_gpus_per_node=8,
+                                                         num_nodes=gpus // 8, cpu_offload=False)
+    ours = model_state_bytes(total, gpus, zero_stage=3, largest_layer_params=largest)
+    assert sum(ours.values()) == pytest.approx(ds_gpu, abs=1)
+
+
+def test_zero_stages_by_hand():
+    p, n = 1000, 10
+    assert sum(model_state_bytes(p, n, 0).values()) == 20 * p  # 2 + 2 + 4 + 4 + 8
+    assert sum(model_state_bytes(p, n, 1).values()) == 4 * p + 16 * p / n
+    assert sum(model_state_bytes(p, n, 1, precision="fp32").values()) == 8 * p + 8 * p / n
+
+
+def test_activation_formulas_llama_block():
+    """The SwiGLU re-derivation of Korthikanti et al. 2022, evaluated by hand for 65B (f = 22016)."""
+    m = preset_config("llama-65b").model
+    s, b, h, a, f, t = 2048, 1, 8192, 64, 22016, 8
+    lay = replace(PAPER_65B, micro_batch=b)
+    sbh = s * b * h
+    lse = 4 * a * s * b
+    assert activation_bytes_per_layer(m, lay) == pytest.approx((16 * sbh + 6 * s * b * f + lse) / t)
+    no_sp = replace(lay, sequence_parallel=False)
+    assert activation_bytes_per_layer(m, no_sp) == pytest.approx(8 * sbh + (8 * sbh + 6 * s * b * f + lse) / t)
+    eager = replace(lay, flash_attention=False, checkpointing="none")
+    assert activation_bytes_per_layer(m, eager) == pytest.approx((16 * sbh + 6 * s * b * f + 2 * a * s * s * b) / t)
+    selective = replace(eager, checkpointing="selective")  # recomputing attention drops the s^2 term
+    assert activation_bytes_per_layer(m, selective) == pytest.approx((16 * sbh + 6 * s * b * f) / t)
+    assert activation_bytes_per_layer(m, replace(lay, checkpointing="full")) == pytest.approx(2 * sbh / t)
+
+
+def test_gqa_shrinks_kv_activations():
+    cfg = preset_config("llama-7b")
+    gqa = replace(cfg.model, n_kv_heads=8)
+    lay = Layout(gpus=8, tp=1, sequence_parallel=False)
+    diff = activation_bytes_per_layer(cfg.model, lay) - activation_bytes_per_layer(gqa, lay)
+    assert diff == pytest.approx(4 * (1 - 8 / 32) * 2048 * 4096)
+
+
+def test_calibration_round_trip():
+    cfg = preset_config("llama-65b")
+    predicted = step_time(cfg.model, PAPER_65B, A100, 0.6)["total"]
+    eff = calibrated_efficiency(cfg, PAPER_65B, A100, predicted)
+    assert eff == pytest.approx(0.6, rel=1e-6)
+    slower = calibrated_efficiency(cfg, PAPER_65B, A100, predicted * 1.5)
+    assert slower < 0.6
+    assert plan(cfg, PAPER_65B, A100, matmul_efficiency=slower).step_time_s == pytest.approx(predicted * 1.5)
+    with pytest.raises(UserError, match="faster than this layout allows"):
+        calibrated_efficiency(cfg, PAPER_65B, A100, 0.01)
+
+
+def test_memory_fit_and_search():
+    cfg = preset_config("llama-65b")
+    assert not plan(cfg, Layout(gpus=8, global_batch=64, zero_stage=1), A100).fits
+    found = search(cfg, 512, A100, replace(PAPER_65B, gpus=512))
+    assert found and all(e.fits and e.memory_gib_per_gpu * GiB <= A100.memory_bytes for e in found)
+    speeds = [e.tokens_per_sec_per_gpu for e in found]
+    assert speeds == sorted(speeds, reverse=True)
+    assert found[0].tokens_per_sec_per_gpu >= plan(cfg, replace(PAPER_65B, gpus=512), A100).tokens_per_sec_per_gpu
+
+
+def test_invalid_layout_raises():
+    cfg = preset_config("llama-65b")
+    with pytest.raises(ConfigError, match="n_heads"):
+        plan(cfg, replace(PAPER_65B, tp=3, gpus=3 * 4 * 8), A100)
+    with pytest.raises(ConfigError, match="not divisible by tp\\*pp"):
+        plan(cfg, replace(PAPER_65B, gpus=100), A100)
+
+
+def test_cli_json_keys():
+    r = megallama("plan", "--preset", "llama-65b", "--gpus", "2048", "--gpu", "A100-80GB", "--tp", "8", "--pp", "4",
+                  "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    for key in ("tokens_per_sec_per_gpu", "mfu", "days", "memory_gib_per_gpu"):
+        assert key in out
+    assert out["tokens_per_sec_per_gpu"] == pytest.approx(380, rel=0.15)
+
+
+def test_cli_hardware_file_adds_a_gpu(tmp_path):
+    hw = tmp_path / "hw.yaml"
+    hw.write_text("MyGPU:\n  peak_bf16_tflops: 624\n  memory_gib: 80\n  hbm_gbps: 2039\n"
+                  "  nvlink_gbps: 300\n  network_gbps: 25\n")
+    spec = gpu_spec("mygpu", load_gpu_specs(str(hw)))
+    assert spec.peak_bf16 == 624e12 and spec.memory_bytes == 80 * GiB
+    fast = json.loads(megallama("plan", "--preset", "llama-65b", "--gpus", "2048", "--tp", "8", "--pp", "4",
+                                "--gpu", "MyGPU", "--hardware", str(hw), "--json").stdout)
+    assert fast["tokens_per_sec_per_gpu"] > 380 * 1.3  # twice the FLOPs, same links
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--gpus", "8"), "give --preset"),
+    (("--preset", "llama-65b", "--gpus", "8", "--gpu", "V100"), "unknown GPU 'V100'"),
+    (("--preset", "llama-65b", "--gpus", "48", "--tp", "3"), "n_heads"),
+    (("--preset", "llama-65b", "--gpus", "8", "--search"), "no layout"),
+    (("--preset", "llama-7b", "--gpus", "8", "--hardware", "/nonexistent.yaml"), "hardware file"),
+    (("--preset", "llama-7b", "--gpus", "8", "--calibrate-step-time", "-1"), "must be positive"),
+])
+def test_cli_errors_exit_2(args, needle):
+    r = megallama("plan", *args)
+    assert r.returncode == 2, r.stdout
+    assert needle in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_calibrate_from_a_measured_run(tmp_path):
+    """A 1B run measured on 8 GPUs calibrates the 65B prediction on 2048."""
+    import yaml
+
+    run_cfg = preset_config("llama-1b")
+    run_lay = Layout(gpus=8, tp=1, pp=1, zero_stage=1, micro_batch=4, seq_len=2048, global_batch=512,
+                     sequence_parallel=False)
+    measured = step_time(run_cfg.model, run_lay, A100, 0.5)["total"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(run_cfg.to_dict()))
+    (tmp_path / "summary.json").write_text(json.dumps(dict(tokens_per_sec=512 * 2048 / measured)))
+    r = megallama("plan", "--preset", "llama-65b", "--gpus", "2048", "--tp", "8", "--pp", "4",
+                  "--calibrate-from", str(tmp_path), "--calibrate-gpus", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["matmul_efficiency"] == pytest.approx(0.5, rel=1e-6)
+    expected = plan(preset_config("llama-65b"), PAPER_65B, A100, matmul_efficiency=0.5)
+    assert out["tokens_per_sec_per_gpu"] == pytest.approx(expected.tokens_per_sec_per_gpu)
+    r = megallama("plan", "--preset", "llama-7b", "--gpus", "8", "--calibrate-from", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "summary.json' does not exist" in r.stderr
+
+
+def test_fp32_activations_take_twice_the_bytes():
+    m = preset_config("llama-7b").model
+    lay = Layout(gpus=8, tp=8)
+    assert activation_bytes_per_layer(m, replace(lay, precision="fp32")) == \
+        pytest.approx(2 * activation_bytes_per_layer(m, lay))

@@ -1,0 +1,71 @@
+"""Shared pieces of the offline checkpoint tools (reshard, export/import for HF and Meta).
+
+The weight *mapping* lives in :mod:`megallama.convert`; the checkpoint *format* in
+:mod:`megallama.checkpoint`.  This module only holds what several tools repeat: building a
+validated :class:`Config` for an imported model, recovering LLaMA's FFN settings from a
+hidden size, and writing an output directory atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from megallama.config import Config, ModelConfig, ParallelConfig, validate
+from megallama.errors import CheckpointError, UserError
+
+
+def add_layout_arguments(p, what: str) -> None:
+    p.add_argument("--tp", type=int, default=1, help=f"tensor-parallel size of the {what} (default: 1)")
+    p.add_argument("--pp", type=int, default=1, help=f"pipeline stages of the {what} (default: 1)")
+
+
+def ffn_settings(dim: int, hidden: int) -> tuple[int, Optional[float]]:
+    """(multiple_of, ffn_dim_multiplier) that make :attr:`ModelConfig.ffn_hidden` equal ``hidden``.
+
+    HF configs store the FFN width itself; we store LLaMA's recipe (2/3 * 4d rounded up).
+    Prefer the paper's recipe with the largest rounding multiple, else an exact multiplier.
+    """
+    for multiple in (256, 128, 64, 32, 16, 8, 4, 2, 1):
+        if ModelConfig(dim=dim, multiple_of=multiple).ffn_hidden == hidden:
+            return multiple, None
+    base = int(2 * 4 * dim / 3)
+    for mult in (hidden / base, (hidden + 0.5) / base):
+        if ModelConfig(dim=dim, multiple_of=1, ffn_dim_multiplier=mult).ffn_hidden == hidden:
+            return 1, mult
+    raise UserError(f"cannot express FFN width {hidden} for dim {dim} as LLaMA's SwiGLU recipe; "
+                    "this architecture is not supported")
+
+
+def imported_config(model: ModelConfig, tp: int, pp: int) -> Config:
+    """A validated config holding ``model`` at layout (tp, pp); training fields keep their defaults
+    (override them with ``--set`` when training from the import)."""
+    seq = min(Config().train.seq_len, model.max_seq_len)
+    cfg = Config(model=model, parallel=ParallelConfig(tp=tp, pp=pp, zero_stage=0 if pp > 1 else 1))
+    cfg = replace(cfg, train=replace(cfg.train, seq_len=seq, precision="fp32"))
+    return validate(cfg, tp * pp)
+
+
+def check_new_output(path: str | Path, force: bool = False) -> Path:
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if not force:
+            raise CheckpointError(f"output '{path}' already exists; choose a new path or pass --force")
+    return path
+
+
+def commit_directory(tmp: Path, out: Path) -> None:
+    """Replace ``out`` by the completed ``tmp`` directory (a reader never sees a half-written one)."""
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(tmp, out)
+
+
+def fresh_tmp(out: Path) -> Path:
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp

@@ -1,0 +1,205 @@
+"""Hugging Face conversion: `megallama export-hf` and `megallama import-hf`.
+
+Export writes a directory that ``transformers`` loads as ``LlamaForCausalLM`` with its
+tokenizer: ``config.json`` (:func:`megallama.convert.hf_config`), ``model.safetensors`` or
+``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``,
+``tokenizer.model`` (our SentencePiece model), ``tokenizer_config.json``,
+``special_tokens_map.json`` and ``generation_config.json``.  Import reads safetensors (or
+``pytorch_model*.bin`` through ``torch.load(weights_only=True)``: no pickled code runs) and
+``config.json``, refusing architectures we do not implement.  Weight mapping (names, rotary
+permutation, vocabulary padding) is :mod:`megallama.convert`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, write_run_checkpoint
+from megallama.config import ModelConfig
+from megallama.convert import hf_config, hf_to_ours, ours_to_hf
+from megallama.errors import CheckpointError
+from tools.checkpoint_io import (add_layout_arguments, check_new_output, commit_directory, ffn_settings,
+                                 fresh_tmp, imported_config)
+
+# ----------------------------------------------------------------------------- export
+
+
+def add_export_arguments(p) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="SRC", help="checkpoint (step_N) or run directory")
+    p.add_argument("--output", required=True, metavar="DIR", help="directory to write")
+    p.add_argument("--max-shard-mb", type=float, default=5000.0,
+                   help="largest safetensors shard (default: 5000 MB, as transformers writes them)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: float) -> list[dict[str, torch.Tensor]]:
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name], size = t, size + nbytes
+    return shards + [current] if current else shards
+
+
+def _tokenizer_files(tok_path: Path) -> dict[str, dict]:
+    """tokenizer_config.json and special_tokens_map.json for transformers' LlamaTokenizer."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(tok_path.read_bytes())
+
+    def piece(i: int):
+        return sp.IdToPiece(i) if 0 <= i < sp.GetPieceSize() else None
+
+    special = {"bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id())}
+    special = {k: v for k, v in special.items() if v is not None}
+    # megallama's tokenizers add no dummy prefix ("hello" is not "▁hello"); say so, or transformers adds one
+    dummy_prefix = sp.EncodeAsPieces("a")[0].startswith("\u2581")
+    config = {"tokenizer_class": "LlamaTokenizer", **special, "add_bos_token": True, "add_eos_token": False,
+              "add_prefix_space": dummy_prefix, "legacy": True, "clean_up_tokenization_spaces": False, "sp_model_kwargs": {},
+              "model_max_length": 1_000_000_000}
+    return {"tokenizer_config.json": config, "special_tokens_map.json": special}
+
+
+def export_hf(src, out, max_shard_mb: float = 5000.0, force: bool = False) -> Path:
+    out = check_new_output(out, force)
+    reader = CheckpointReader(src)
+    model_cfg: ModelConfig = reader.config.model
+    tensors = ours_to_hf(reader.state_dict(), model_cfg)
+    tok = reader.path / TOKENIZER_FILE
+    bos, eos = 1, 2
+    tmp = fresh_tmp(out)
+    from safetensors.torch import save_file
+
+    shards = _shards(tensors, max_shard_mb * 2**20)
+    if len(shards) == 1:
+        save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, part in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(part, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in part})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        _write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total},
+                                                             "weight_map": weight_map})
+    if tok.is_file():
+        shutil.copyfile(tok, tmp / "tokenizer.model")
+        for name, content in _tokenizer_files(tok).items():
+            _write_json(tmp / name, content)
+        from megallama.data.tokenizer import Tokenizer
+
+        t = Tokenizer(str(tok))
+        bos, eos = t.bos_id, t.eos_id
+    _write_json(tmp / "config.json", hf_config(model_cfg, bos, eos))
+    _write_json(tmp / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos})
+    commit_directory(tmp, out)
+    return out
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def run_export(args) -> int:
+    out = export_hf(args.checkpoint, args.output, args.max_shard_mb, args.force)
+    print(f"wrote {out} (load with transformers.LlamaForCausalLM.from_pretrained)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def add_import_arguments(p) -> None:
+    p.add_argument("directory", metavar="DIR", help="a Hugging Face LLaMA model directory")
+    p.add_argument("--output", required=True, metavar="DST", help="new run directory to write")
+    add_layout_arguments(p, "written checkpoint")
+
+
+def model_config_from_hf(path: Path) -> ModelConfig:
+    """Our :class:`ModelConfig` from ``config.json``; one-line errors for what we do not implement."""
+    try:
+        c = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise CheckpointError(f"'{path}' is missing or not JSON; pass a Hugging Face model directory") from None
+
+    def refuse(cond: bool, what: str) -> None:
+        if cond:
+            raise CheckpointError(f"'{path}': {what} is not supported by megallama's LLaMA; "
+                                  "convert a plain LLaMA model")
+
+    refuse(c.get("model_type") != "llama", f"model_type '{c.get('model_type')}'")
+    refuse(bool(c.get("rope_scaling")), "rope_scaling")
+    refuse(bool(c.get("attention_bias")) or bool(c.get("mlp_bias")), "attention_bias/mlp_bias (biases)")
+    refuse(c.get("hidden_act", "silu") != "silu", f"hidden_act '{c.get('hidden_act')}'")
+    dim, heads = c["hidden_size"], c["num_attention_heads"]
+    refuse(c.get("head_dim") not in (None, dim // heads), f"head_dim {c.get('head_dim')} != hidden/heads")
+    kv = c.get("num_key_value_heads") or heads
+    multiple, mult = ffn_settings(dim, c["intermediate_size"])
+    return ModelConfig(dim=dim, n_layers=c["num_hidden_layers"], n_heads=heads, n_kv_heads=None if kv == heads else kv,
+                       vocab_size=c["vocab_size"], multiple_of=multiple, ffn_dim_multiplier=mult,
+                       norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta", 10000.0),
+                       max_seq_len=c.get("max_position_embeddings", 2048))
+
+
+def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a HF directory, as fp32; never unpickles code."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    loader = load_file
+    if not files:
+        files = sorted(directory.glob("pytorch_model*.bin"))
+        loader = lambda f: torch.load(f, map_location="cpu", weights_only=True, mmap=True)  # noqa: E731
+    if not files:
+        raise CheckpointError(f"'{directory}' has no *.safetensors or pytorch_model*.bin; "
+                              "pass a Hugging Face model directory")
+    index = next(iter(directory.glob("*.index.json")), None)
+    if index is not None:
+        wanted = set(json.loads(index.read_text())["weight_map"].values())
+        missing = sorted(wanted - {f.name for f in files})
+        if missing:
+            raise CheckpointError(f"shard '{directory / missing[0]}' named in {index.name} is missing; "
+                                  "download the complete model")
+    out = {}
+    for f in files:
+        try:
+            part = loader(str(f))
+        except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as exc:
+            raise CheckpointError(f"'{f}' is truncated or corrupt ({type(exc).__name__}); "
+                                  "download it again") from None
+        out.update({k: v.float() for k, v in part.items()})
+    return out
+
+
+def import_hf(directory, out, tp: int = 1, pp: int = 1) -> Path:
+    directory = Path(directory)
+    check_new_output(out)
+    model_cfg = model_config_from_hf(directory / "config.json")
+    cfg = imported_config(model_cfg, tp, pp)
+    hf = read_hf_weights(directory)
+    config = json.loads((directory / "config.json").read_text())
+    if not config.get("tie_word_embeddings", False) and "lm_head.weight" not in hf:
+        raise CheckpointError(f"'{directory}' has no lm_head.weight but config.json says the embeddings are "
+                              "not tied; the model files are incomplete")
+    try:
+        ours = hf_to_ours(hf, model_cfg)
+    except KeyError as exc:
+        raise CheckpointError(f"'{directory}' holds tensor {exc} that a LLaMA model does not have; "
+                              "this architecture is not supported") from None
+    tok = directory / "tokenizer.model"
+    return write_run_checkpoint(out, cfg, ours, tokenizer_path=str(tok) if tok.is_file() else None,
+                                extra_meta={"imported_from": {"format": "huggingface", "path": str(directory)}})
+
+
+def run_import(args) -> int:
+    out = import_hf(args.directory, args.output, args.tp, args.pp)
+    print(f"wrote {out} (weights only; tp={args.tp}, pp={args.pp})")
+    return 0

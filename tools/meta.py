@@ -1,0 +1,182 @@
+"""Meta's original LLaMA release format: `megallama import-meta` and `megallama export-meta`.
+
+A release directory holds ``params.json`` and ``consolidated.NN.pth``, one file per
+model-parallel rank (7B: 1, 13B: 2, 33B: 4, 65B: 8), each a plain state dict of tensors
+(loaded with ``torch.load(weights_only=True, mmap=True)``: no pickled code runs, no copy in
+memory until used).  Each parameter kind is cut across the shards as in Meta's
+fairscale model (:data:`CONCAT_DIM`): column-parallel weights along dim 0, row-parallel
+weights and the embedding along dim 1, norms replicated.  Names are Meta's; the fused
+``wqkv``/``w13`` and vocabulary padding are :mod:`megallama.convert`'s business.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, write_run_checkpoint
+from megallama.config import ModelConfig
+from megallama.convert import meta_to_ours, ours_to_meta
+from megallama.errors import CheckpointError
+from tools.checkpoint_io import add_layout_arguments, check_new_output, commit_directory, fresh_tmp, imported_config
+
+# suffix of a Meta parameter name -> dimension its model-parallel shards are concatenated on
+# (None: replicated, every shard holds the full tensor)
+CONCAT_DIM: dict[str, Optional[int]] = {
+    "attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,
+    "feed_forward.w1.weight": 0, "feed_forward.w3.weight": 0, "output.weight": 0,
+    "attention.wo.weight": 1, "feed_forward.w2.weight": 1, "tok_embeddings.weight": 1,
+    "attention_norm.weight": None, "ffn_norm.weight": None, "norm.weight": None, "rope.freqs": None,
+}
+SHARD = re.compile(r"consolidated\.(\d+)\.pth$")
+
+
+def concat_dim(name: str, where: str) -> Optional[int]:
+    for suffix, dim in CONCAT_DIM.items():
+        if name == suffix or name.endswith("." + suffix):
+            return dim
+    raise CheckpointError(f"{where} holds tensor '{name}', which a LLaMA model does not have; "
+                          "this is not a Meta LLaMA release")
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def model_config_from_params(path: Path, vocab_rows: int) -> ModelConfig:
+    try:
+        p = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise CheckpointError(f"'{path}' is missing or not JSON; pass a Meta LLaMA release directory") from None
+    if p.get("use_scaled_rope"):
+        raise CheckpointError(f"'{path}': use_scaled_rope (Llama 3.1 rope scaling) is not supported; "
+                              "convert a plain LLaMA model")
+    vocab = p.get("vocab_size", -1)
+    return ModelConfig(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p.get("n_kv_heads"),
+                       vocab_size=vocab if vocab and vocab > 0 else vocab_rows,  # -1 in the 2023 release
+                       multiple_of=p.get("multiple_of", 256), ffn_dim_multiplier=p.get("ffn_dim_multiplier"),
+                       norm_eps=p.get("norm_eps", 1e-6), rope_theta=p.get("rope_theta", 10000.0),
+                       max_seq_len=p.get("max_seq_len", 2048))
+
+
+def shard_paths(directory: Path) -> list[Path]:
+    found = {int(m.group(1)): f for f in directory.glob("consolidated.*.pth") if (m := SHARD.search(f.name))}
+    if not found:
+        raise CheckpointError(f"'{directory}' has no consolidated.NN.pth; pass a Meta LLaMA release directory")
+    for i in range(max(found) + 1):
+        if i not in found:
+            raise CheckpointError(f"shard '{directory / f'consolidated.{i:02d}.pth'}' is missing; "
+                                  "download the complete release")
+    return [found[i] for i in range(len(found))]
+
+
+def _load_shard(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad zip/pickle data
+        raise CheckpointError(f"'{path}' is truncated, corrupt or not a plain tensor file "
+                              f"({type(exc).__name__}); download it again") from None
+
+
+def read_meta_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Full Meta-named fp32 tensors, concatenating the model-parallel shards per parameter kind."""
+    paths = shard_paths(directory)
+    shards = [_load_shard(p) for p in paths]
+    names = list(shards[0])
+    for p, s in zip(paths[1:], shards[1:]):
+        if set(s) != set(names):
+            raise CheckpointError(f"'{p}' holds other tensors than '{paths[0]}'; the shards are of different models")
+    out = {}
+    for name in names:
+        dim = concat_dim(name, f"'{paths[0]}'")
+        parts = [s[name] for s in shards]
+        out[name] = (parts[0] if dim is None else torch.cat(parts, dim)).float()
+    return out
+
+
+def import_meta(directory, out, tp: int = 1, pp: int = 1) -> Path:
+    directory = Path(directory)
+    check_new_output(out)
+    weights = read_meta_weights(directory)
+    if "tok_embeddings.weight" not in weights:
+        raise CheckpointError(f"'{directory}' has no tok_embeddings.weight; this is not a LLaMA release")
+    model_cfg = model_config_from_params(directory / "params.json", weights["tok_embeddings.weight"].shape[0])
+    cfg = imported_config(model_cfg, tp, pp)
+    tok = directory / "tokenizer.model"
+    if not tok.is_file():
+        tok = directory.parent / "tokenizer.model"  # the release keeps it next to the size directories
+    return write_run_checkpoint(out, cfg, meta_to_ours(weights, model_cfg),
+                                tokenizer_path=str(tok) if tok.is_file() else None,
+                                extra_meta={"imported_from": {"format": "meta", "path": str(directory)}})
+
+
+def add_import_arguments(p) -> None:
+    p.add_argument("directory", metavar="DIR", help="Meta release directory (params.json, consolidated.NN.pth)")
+    p.add_argument("--output", required=True, metavar="DST", help="new run directory to write")
+    add_layout_arguments(p, "written checkpoint")
+
+
+def run_import(args) -> int:
+    out = import_meta(args.directory, args.output, args.tp, args.pp)
+    print(f"wrote {out} (weights only; tp={args.tp}, pp={args.pp})")
+    return 0
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def params_json(cfg: ModelConfig) -> dict:
+    out = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "vocab_size": cfg.vocab_size,
+           "multiple_of": cfg.multiple_of, "norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta}
+    if cfg.n_kv_heads is not None:
+        out["n_kv_heads"] = cfg.n_kv_heads
+    if cfg.ffn_dim_multiplier is not None:
+        out["ffn_dim_multiplier"] = cfg.ffn_dim_multiplier
+    return out
+
+
+def split_for_mp(weights: dict[str, torch.Tensor], mp: int) -> list[dict[str, torch.Tensor]]:
+    shards = [{} for _ in range(mp)]
+    for name, t in weights.items():
+        dim = concat_dim(name, "the checkpoint")
+        if dim is not None and t.shape[dim] % mp:
+            raise CheckpointError(f"'{name}' has {t.shape[dim]} rows/columns on dim {dim}, not divisible by "
+                                  f"--mp {mp}; choose a divisor")
+        parts = [t] * mp if dim is None else t.chunk(mp, dim)
+        for shard, part in zip(shards, parts):
+            shard[name] = part.clone()  # own storage: torch.save would write the whole base tensor
+    return shards
+
+
+def export_meta(src, out, mp: int = 1, force: bool = False) -> Path:
+    out = check_new_output(out, force)
+    if mp < 1:
+        raise CheckpointError(f"--mp must be >= 1, got {mp}")
+    reader = CheckpointReader(src)
+    model_cfg = reader.config.model
+    shards = split_for_mp(ours_to_meta(reader.state_dict(), model_cfg), mp)
+    tmp = fresh_tmp(out)
+    for i, shard in enumerate(shards):
+        torch.save(shard, tmp / f"consolidated.{i:02d}.pth")
+    (tmp / "params.json").write_text(json.dumps(params_json(model_cfg)) + "\n")
+    if (reader.path / TOKENIZER_FILE).is_file():
+        shutil.copyfile(reader.path / TOKENIZER_FILE, tmp / "tokenizer.model")
+    commit_directory(tmp, out)
+    return out
+
+
+def add_export_arguments(p) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="SRC", help="checkpoint (step_N) or run directory")
+    p.add_argument("--output", required=True, metavar="DIR", help="directory to write")
+    p.add_argument("--mp", type=int, default=1, help="model-parallel shards to write (default: 1)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+
+def run_export(args) -> int:
+    out = export_meta(args.checkpoint, args.output, args.mp, args.force)
+    print(f"wrote {out} ({args.mp} consolidated shard(s) and params.json)")
+    return 0

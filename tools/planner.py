@@ -1,0 +1,457 @@
+"""`megallama plan`: memory, step time, throughput, MFU and days of a training layout.
+
+An analytical model, every term of which is a physical quantity (see
+docs/planning.md for the formulas and the assumptions):
+
+* memory per GPU = model states (per ZeRO stage, DeepSpeed's accounting)
+  + activations (Korthikanti et al. 2022, re-derived for LLaMA's SwiGLU block)
+  x micro-batches in flight (1F1B) + logits + a fixed reserve;
+* step time = (m + pp - 1) x per-micro-batch stage time (matmuls at an achievable
+  fraction of peak, memory-bound elementwise ops at HBM bandwidth, exposed
+  tensor-parallel collectives, pipeline sends) + the data-parallel gradient
+  traffic not hidden behind the last backward + the optimizer update.
+
+``--search`` enumerates valid layouts, keeps those that fit and ranks them by
+tokens/s/GPU.  ``--calibrate-step-time`` rescales the matmul efficiency so the
+predicted step time equals one measured on the target machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator, Optional
+
+from megallama.config import Config, ModelConfig, load_config, validate
+from megallama.errors import ConfigError, UserError
+from megallama.hardware import GiB, GpuSpec, gpu_spec, load_gpu_specs
+from tools.carbon import estimate as carbon_estimate
+
+RESERVED_BYTES = 2 * GiB  # CUDA context, NCCL buffers, allocator slack
+CHECKPOINTING = ("none", "selective", "full")
+
+# Bytes per parameter of the model states, by precision (mixed precision keeps an
+# fp32 master copy, fp32 gradients for accumulation and Adam's two fp32 moments).
+_MIXED = dict(params=2, grads=2, grads32=4, master=4, adam=8)
+_FP32 = dict(params=4, grads=4, grads32=0, master=0, adam=8)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one training run is laid out on the cluster."""
+
+    gpus: int
+    tp: int = 1
+    pp: int = 1
+    zero_stage: int = 1
+    micro_batch: int = 1
+    seq_len: int = 2048
+    global_batch: int = 2048  # sequences per optimizer step
+    checkpointing: str = "selective"  # none | selective | full
+    sequence_parallel: bool = True  # only meaningful with tp > 1
+    flash_attention: bool = True  # memory-efficient attention: no s^2 probabilities stored
+    precision: str = "bf16"
+
+    @property
+    def dp(self) -> int:
+        return self.gpus // (self.tp * self.pp)
+
+    @property
+    def sp(self) -> bool:
+        return self.sequence_parallel and self.tp > 1
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per optimizer step on each pipeline (= gradient accumulation steps)."""
+        return self.global_batch // (self.micro_batch * self.dp)
+
+
+@dataclass
+class Estimate:
+    layout: Layout
+    gpu: str
+    params: int
+    params_per_gpu: int
+    memory_gib_per_gpu: float
+    memory_breakdown_gib: dict
+    fits: bool
+    step_time_s: float
+    time_breakdown_s: dict
+    bubble_fraction: float
+    tokens_per_sec_per_gpu: float
+    mfu: float
+    tokens: int
+    days: float
+    gpu_hours: float
+    mwh: float
+    tco2eq: float
+    matmul_efficiency: float
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layout"]["dp"] = self.layout.dp
+        d["layout"]["micro_batches"] = self.layout.micro_batches
+        return d
+
+
+# ----------------------------------------------------------------------------- memory
+
+def layer_params(m: ModelConfig) -> int:
+    """Parameters of one transformer block (attention + SwiGLU FFN + two RMSNorm weights)."""
+    return (m.num_parameters(include_embedding=False) - m.dim) // m.n_layers
+
+
+def params_per_gpu(m: ModelConfig, lay: Layout) -> int:
+    """Parameters held by the heaviest rank: its stage's blocks (and one vocabulary matrix) / tp."""
+    per_stage = layer_params(m) * (m.n_layers // lay.pp)
+    vocab = m.padded_vocab_size(lay.tp) * m.dim
+    embeddings = 2 * vocab if lay.pp == 1 else vocab  # first stage: embedding; last: output
+    return (per_stage + embeddings + m.dim) // lay.tp
+
+
+def model_state_bytes(params: int, dp: int, zero_stage: int, largest_layer_params: int = 0,
+                      precision: str = "bf16") -> dict:
+    """Parameters, gradients and optimizer states on one GPU holding ``params`` parameters.
+
+    Matches DeepSpeed's estimators (``estimate_zero2_model_states_mem_needs`` and
+    ``estimate_zero3_model_states_mem_needs``, no offload): ZeRO-1 partitions the
+    optimizer (fp32 master, fp32 gradients, Adam moments) over ``dp`` ranks,
+    ZeRO-2 also the 16-bit gradients, ZeRO-3 also the 16-bit parameters, which
+    are gathered one layer at a time (params + grads of the largest layer).
+    """
+    b = _MIXED if precision in ("bf16", "fp16") else _FP32
+    opt = (b["master"] + b["adam"] + b["grads32"]) * params
+    p16, g16 = b["params"] * params, b["grads"] * params
+    if zero_stage >= 1:
+        opt /= dp
+    if zero_stage >= 2:
+        g16 /= dp
+    gathered = 0
+    if zero_stage == 3:
+        p16 /= dp
+        g16 = 0  # reduce-scattered straight into the fp32 partition; the layer buffer holds them
+        gathered = (b["params"] + b["grads"]) * largest_layer_params
+    return dict(parameters=p16, gradients=g16, optimizer=opt, zero3_gathered=gathered)
+
+
+def activation_bytes_per_layer(m: ModelConfig, lay: Layout) -> float:
+    """Activations one LLaMA block keeps for backward, one micro-batch (bytes, 16-bit).
+
+    Korthikanti et al. 2022 counted 34sbh + 5as^2b for a GPT block; a LLaMA block
+    (no dropout, RMSNorm, SwiGLU with hidden f, k/v heads r = kv_heads/heads) keeps
+    norm inputs 4sbh, the QKV and FFN inputs 4sbh (these 8sbh are replicated across
+    tensor-parallel ranks unless sequence parallelism splits them), Q, K, V and the
+    attention output (4 + 4r)sbh, the FFN gate, up and product 6sbf, and either the
+    softmax probabilities 2as^2b (eager attention, no selective recompute) or the
+    log-sum-exp 4asb (memory-efficient attention).
+    """
+    s, b, h, a, t = lay.seq_len, lay.micro_batch, m.dim, m.n_heads, lay.tp
+    sbh = s * b * h
+    scale = _act_bytes(lay) / 2  # the coefficients below are for 16-bit activations
+    if lay.checkpointing == "full":
+        return scale * 2 * sbh / (t if lay.sp else 1)  # only the block input
+    r = m.kv_heads / m.n_heads
+    replicated = 8 * sbh
+    split = (4 + 4 * r) * sbh + 6 * s * b * m.ffn_hidden
+    if lay.flash_attention:
+        split += 4 * a * s * b
+    elif lay.checkpointing == "none":
+        split += 2 * a * s * s * b
+    return scale * ((replicated + split) / t if lay.sp else replicated + split / t)
+
+
+def _act_bytes(lay: Layout) -> int:
+    return 4 if lay.precision == "fp32" else 2
+
+
+def memory_bytes(m: ModelConfig, lay: Layout) -> dict:
+    """Per-GPU memory of the heaviest rank (the first pipeline stage holds pp micro-batches)."""
+    p = params_per_gpu(m, lay)
+    largest = max(layer_params(m), m.padded_vocab_size(lay.tp) * m.dim) // lay.tp
+    states = model_state_bytes(p, lay.dp, lay.zero_stage, largest, lay.precision)
+    in_flight = min(lay.pp, lay.micro_batches)
+    acts = activation_bytes_per_layer(m, lay) * (m.n_layers // lay.pp) * in_flight
+    logits = 6 * lay.seq_len * lay.micro_batch * m.padded_vocab_size(lay.tp) / lay.tp  # 16-bit + fp32 softmax
+    return dict(**states, activations=acts, logits=logits, reserved=RESERVED_BYTES)
+
+
+# ----------------------------------------------------------------------------- time
+
+def recompute_flops_per_token(m: ModelConfig, lay: Layout) -> float:
+    """Extra forward FLOPs of activation recomputation (same 6N + 12Lds convention)."""
+    attention_core = 4 * m.n_layers * m.dim * lay.seq_len  # QK^T and AV, forward only
+    if lay.checkpointing == "full":
+        return m.flops_per_token(lay.seq_len) / 3  # one more forward pass
+    if lay.checkpointing == "selective" and not lay.flash_attention:
+        return attention_core
+    return 0.0
+
+
+def _ring_time(nbytes: float, n: int, bandwidth: float) -> float:
+    """Reduce-scatter or all-gather of ``nbytes`` (the full tensor) over ``n`` ranks in a ring."""
+    return 0.0 if n <= 1 else nbytes * (n - 1) / n / bandwidth
+
+
+def step_time(m: ModelConfig, lay: Layout, gpu: GpuSpec, matmul_efficiency: float) -> dict:
+    """Seconds per optimizer step, split into its parts."""
+    s, b, h, t = lay.seq_len, lay.micro_batch, m.dim, lay.tp
+    tokens_mb = s * b
+    layers = m.n_layers // lay.pp
+    nvlink = gpu.nvlink_bandwidth * gpu.comm_efficiency
+    net = gpu.network_bandwidth * gpu.comm_efficiency
+    node = gpu.gpus_per_node
+    flops = (m.flops_per_token(s) + recompute_flops_per_token(m, lay)) * tokens_mb / (t * lay.pp)
+    matmul = flops / (gpu.peak_flops(lay.precision) * matmul_efficiency)
+    # Memory-bound ops per token and layer (norms, residual adds, rotary, SwiGLU product,
+    # forward and backward, 16-bit): about (60h + 16f) bytes.
+    elementwise = (60 * h + 16 * m.ffn_hidden) * tokens_mb * layers / t / gpu.hbm_bandwidth
+    # Tensor parallel: 4 all-gather/reduce-scatter (or 2 all-reduce) forward, 4 backward,
+    # 4 more when the forward is recomputed; each moves the s*b*h 16-bit activation.
+    collectives = 8 + (4 if lay.checkpointing == "full" else 0)
+    tp_comm = collectives * layers * _ring_time(_act_bytes(lay) * tokens_mb * h, t, nvlink if t <= node else net)
+    # Pipeline: one activation and one gradient per micro-batch cross each stage boundary.
+    pp_bw = net if lay.gpus > node and t * lay.dp >= node else nvlink
+    pp_comm = 0.0 if lay.pp == 1 else 2 * _act_bytes(lay) * tokens_mb * h / (t if lay.sp else 1) / pp_bw
+    # Data parallel (ring over dp ranks, all on the same links).  Gradients: an all-reduce
+    # (ZeRO-0) or a reduce-scatter (ZeRO >= 1) of 16-bit gradients, bucketed while the last
+    # micro-batch's backward runs.  ZeRO-1/2 then all-gather the updated parameters after
+    # the optimizer step (nothing to hide it behind).  ZeRO-3 also gathers every layer's
+    # parameters in forward and backward of every micro-batch, prefetched behind matmuls.
+    p = params_per_gpu(m, lay)
+    dp_bw = nvlink if t * lay.dp <= node else net
+    gather = _ring_time(_act_bytes(lay) * p, lay.dp, dp_bw)  # gradients/parameters in the training precision
+    hidden_comm = (2 if lay.zero_stage == 0 else 1) * gather
+    window = 2 / 3 * matmul
+    if lay.zero_stage == 3:
+        hidden_comm += 2 * gather * lay.micro_batches
+        window = matmul * lay.micro_batches
+    dp_exposed = max(0.0, hidden_comm - window) + (gather if lay.zero_stage in (1, 2) else 0.0)
+    per_micro = matmul + elementwise + tp_comm + pp_comm
+    pipeline = (lay.micro_batches + lay.pp - 1) * per_micro
+    # Optimizer: read grads32/master/moments, write them and the 16-bit copy (memory-bound).
+    shard = p / (lay.dp if lay.zero_stage >= 1 else 1)
+    optimizer = 34 * shard / gpu.hbm_bandwidth
+    return dict(matmul=matmul * lay.micro_batches, elementwise=elementwise * lay.micro_batches,
+                tp_comm=tp_comm * lay.micro_batches, pp_comm=pp_comm * lay.micro_batches,
+                bubble=(lay.pp - 1) * per_micro, dp_exposed=dp_exposed, optimizer=optimizer,
+                total=pipeline + dp_exposed + optimizer)
+
+
+# ----------------------------------------------------------------------------- estimate
+
+def plan(cfg: Config, lay: Layout, gpu: GpuSpec, tokens: Optional[int] = None,
+         matmul_efficiency: Optional[float] = None) -> Estimate:
+    """Validate the layout against the model and estimate memory, throughput and time."""
+    m = cfg.model
+    check_layout(cfg, lay)
+    eff = gpu.matmul_efficiency if matmul_efficiency is None else matmul_efficiency
+    mem = memory_bytes(m, lay)
+    times = step_time(m, lay, gpu, eff)
+    tokens = cfg.train.tokens if tokens is None else tokens
+    tok_s_gpu = lay.global_batch * lay.seq_len / times["total"] / lay.gpus
+    seconds = tokens / (tok_s_gpu * lay.gpus)
+    gpu_hours = seconds * lay.gpus / 3600
+    carbon = carbon_estimate(gpu_hours, gpu.power_w)
+    total_mem = sum(mem.values())
+    return Estimate(
+        layout=lay, gpu=gpu.name, params=m.num_parameters(), params_per_gpu=params_per_gpu(m, lay),
+        memory_gib_per_gpu=total_mem / GiB, memory_breakdown_gib={k: v / GiB for k, v in mem.items()},
+        fits=total_mem <= gpu.memory_bytes, step_time_s=times["total"], time_breakdown_s=times,
+        bubble_fraction=(lay.pp - 1) / (lay.micro_batches + lay.pp - 1),
+        tokens_per_sec_per_gpu=tok_s_gpu,
+        mfu=tok_s_gpu * m.flops_per_token(lay.seq_len) / gpu.peak_flops(lay.precision),
+        tokens=tokens, days=seconds / 86400, gpu_hours=gpu_hours, mwh=carbon.mwh, tco2eq=carbon.tco2eq,
+        matmul_efficiency=eff)
+
+
+def check_layout(cfg: Config, lay: Layout) -> None:
+    """Reuse the trainer's validation so the planner never blesses a layout training rejects."""
+    if lay.gpus < 1:
+        raise ConfigError(f"--gpus must be >= 1, got {lay.gpus}")
+    if lay.checkpointing not in CHECKPOINTING:
+        raise ConfigError(f"--checkpointing must be one of {', '.join(CHECKPOINTING)}, got '{lay.checkpointing}'")
+    if lay.gpus % (lay.tp * lay.pp):
+        raise ConfigError(f"--gpus {lay.gpus} is not divisible by tp*pp = {lay.tp * lay.pp}; change --tp/--pp")
+    c = replace(cfg, parallel=replace(cfg.parallel, tp=lay.tp, pp=lay.pp, dp=0, zero_stage=lay.zero_stage,
+                                      sequence_parallel=lay.sp),
+                train=replace(cfg.train, seq_len=lay.seq_len, micro_batch_size=lay.micro_batch,
+                              global_batch_size=lay.global_batch, activation_checkpointing=lay.checkpointing,
+                              precision=lay.precision))
+    validate(c, world_size=lay.gpus)
+
+
+def calibrated_efficiency(cfg: Config, lay: Layout, gpu: GpuSpec, measured_step_s: float) -> float:
+    """The matmul efficiency that makes the predicted step time equal a measured one.
+
+    Predicted step time falls monotonically as the efficiency rises, so bisection finds
+    it; a measurement faster than the model allows even at 100% of peak is refused.
+    """
+    if not measured_step_s > 0:
+        raise UserError(f"--calibrate-step-time must be positive seconds, got {measured_step_s}")
+    total = lambda eff: step_time(cfg.model, lay, gpu, eff)["total"]  # noqa: E731
+    if measured_step_s < total(1.0):
+        raise UserError(f"measured step time {measured_step_s:g} s is faster than this layout allows at peak "
+                        f"({total(1.0):.3g} s); check --gpus/--tp/--pp/--micro-batch match the measured run")
+    lo, hi = 1e-4, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if total(mid) > measured_step_s else (lo, mid)
+    return (lo + hi) / 2
+
+
+def measured_run(run_dir: str, gpus: int) -> tuple[Config, Layout, float]:
+    """A finished run's config, layout and measured step time (its summary's steady tokens/s)."""
+    d = Path(run_dir)
+    summary_path, config_path = d / "summary.json", d / "config.yaml"
+    for path in (summary_path, config_path):
+        if not path.is_file():
+            raise UserError(f"'{path}' does not exist; --calibrate-from needs a finished run directory "
+                            "(megallama train writes summary.json and config.yaml at the end)")
+    try:
+        tokens_per_sec = float(json.loads(summary_path.read_text())["tokens_per_sec"])
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"'{summary_path}' has no numeric tokens_per_sec; re-run training to rewrite it") from None
+    if not tokens_per_sec > 0:
+        raise UserError(f"'{summary_path}' reports tokens_per_sec={tokens_per_sec}; the run was too short to time")
+    cfg = load_config(str(config_path))
+    p, t = cfg.parallel, cfg.train
+    lay = Layout(gpus=gpus, tp=p.tp, pp=p.pp, zero_stage=p.zero_stage, micro_batch=t.micro_batch_size,
+                 seq_len=t.seq_len, global_batch=t.global_batch_size, checkpointing=t.activation_checkpointing,
+                 sequence_parallel=p.sequence_parallel, precision=t.precision)
+    check_layout(cfg, lay)
+    return cfg, lay, t.global_batch_size * t.seq_len / tokens_per_sec
+
+
+def search(cfg: Config, gpus: int, gpu: GpuSpec, base: Layout, tokens: Optional[int] = None,
+           matmul_efficiency: Optional[float] = None) -> list[Estimate]:
+    """Every valid layout that fits in memory, fastest first."""
+    found = []
+    for lay in _candidates(cfg.model, gpus, gpu, base):
+        try:
+            est = plan(cfg, lay, gpu, tokens, matmul_efficiency)
+        except ConfigError:
+            continue
+        if est.fits:
+            found.append(est)
+    return sorted(found, key=lambda e: (-e.tokens_per_sec_per_gpu, e.memory_gib_per_gpu))
+
+
+def _candidates(m: ModelConfig, gpus: int, gpu: GpuSpec, base: Layout) -> Iterator[Layout]:
+    tps = [t for t in (1, 2, 4, 8, 16) if t <= gpu.gpus_per_node and m.n_heads % t == 0]
+    pps = [p for p in range(1, m.n_layers + 1) if m.n_layers % p == 0]
+    for tp in tps:
+        for pp in pps:
+            if gpus % (tp * pp):
+                continue
+            for zero in ((0, 1) if pp > 1 else (0, 1, 2, 3)):
+                for mb in (1, 2, 4, 8):
+                    for ckpt in CHECKPOINTING:
+                        if ckpt == "none" and base.flash_attention:
+                            continue  # identical to selective: nothing s^2 to drop
+                        yield replace(base, tp=tp, pp=pp, zero_stage=zero, micro_batch=mb, checkpointing=ckpt,
+                                      sequence_parallel=tp > 1)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def add_arguments(p):
+    p.add_argument("--preset", default=None, help="model preset (see 'megallama presets')")
+    p.add_argument("--config", default=None, help="a training YAML instead of (or on top of) --preset")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs")
+    p.add_argument("--gpu", default="A100-80GB", help="GPU kind: A100-40GB, A100-80GB, H100-80GB, H200, ...")
+    p.add_argument("--hardware", default=None, metavar="YAML", help="extra GPU kinds (see docs/planning.md)")
+    p.add_argument("--tp", type=int, default=None, help="tensor parallel size (default: the config's)")
+    p.add_argument("--pp", type=int, default=None, help="pipeline stages (default: the config's)")
+    p.add_argument("--zero", type=int, default=None, help="ZeRO stage 0-3 (default: the config's)")
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch")
+    p.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length")
+    p.add_argument("--checkpointing", default=None, choices=CHECKPOINTING, help="activation recomputation")
+    p.add_argument("--no-sequence-parallel", action="store_true", help="replicate norm/dropout activations over tp")
+    p.add_argument("--eager-attention", action="store_true",
+                   help="attention stores its s x s probabilities (default: memory-efficient attention)")
+    p.add_argument("--tokens", type=float, default=None, help="token budget for 'days' (default: the config's)")
+    p.add_argument("--calibrate-step-time", type=float, default=None, metavar="SECONDS",
+                   help="a step time measured with this layout on this machine: fit the matmul efficiency to it")
+    p.add_argument("--calibrate-from", default=None, metavar="RUN_DIR",
+                   help="a finished run measured on this GPU kind: fit the matmul efficiency to its step time")
+    p.add_argument("--calibrate-gpus", type=int, default=None,
+                   help="GPUs the --calibrate-from run used (default: --gpus)")
+    p.add_argument("--search", action="store_true", help="rank the layouts that fit by predicted throughput")
+    p.add_argument("--top", type=int, default=10, help="how many layouts --search prints")
+    p.add_argument("--json", action="store_true", help="print the estimate as one JSON object")
+
+
+def _layout_from_args(cfg: Config, args) -> Layout:
+    c, t = cfg.parallel, cfg.train
+    pick = lambda v, d: d if v is None else v  # noqa: E731
+    ckpt = pick(args.checkpointing, t.activation_checkpointing)
+    return Layout(gpus=args.gpus, tp=pick(args.tp, c.tp), pp=pick(args.pp, c.pp), zero_stage=pick(args.zero, c.zero_stage),
+                  micro_batch=pick(args.micro_batch, t.micro_batch_size), seq_len=pick(args.seq_len, t.seq_len),
+                  global_batch=pick(args.global_batch, t.global_batch_size), checkpointing=ckpt,
+                  sequence_parallel=not args.no_sequence_parallel, flash_attention=not args.eager_attention,
+                  precision=t.precision)
+
+
+def run(args) -> int:
+    if not args.preset and not args.config:
+        raise UserError("give --preset NAME (see 'megallama presets') or --config FILE")
+    cfg = load_config(args.config, preset=args.preset)
+    gpu = gpu_spec(args.gpu, load_gpu_specs(args.hardware))
+    lay = _layout_from_args(cfg, args)
+    tokens = None if args.tokens is None else int(args.tokens)
+    eff = None
+    if args.calibrate_step_time is not None and args.calibrate_from:
+        raise UserError("give either --calibrate-step-time or --calibrate-from, not both")
+    if args.calibrate_step_time is not None:
+        check_layout(cfg, lay)
+        eff = calibrated_efficiency(cfg, lay, gpu, args.calibrate_step_time)
+    if args.calibrate_from:
+        run_cfg, run_lay, step_s = measured_run(args.calibrate_from, args.calibrate_gpus or args.gpus)
+        eff = calibrated_efficiency(run_cfg, run_lay, gpu, step_s)
+    if args.search:
+        found = search(cfg, args.gpus, gpu, lay, tokens, eff)
+        if not found:
+            raise UserError(f"no layout of {cfg.preset or 'this model'} fits {args.gpus} x {gpu.name}; "
+                            "add GPUs, pick a larger GPU or lower --seq-len")
+        if args.json:
+            print(json.dumps([e.to_dict() for e in found[:args.top]]))
+        else:
+            _print_table(found[:args.top])
+        return 0
+    est = plan(cfg, lay, gpu, tokens, eff)
+    if args.json:
+        print(json.dumps(est.to_dict()))
+    else:
+        _print_estimate(est)
+    return 0
+
+
+def _print_estimate(e: Estimate) -> None:
+    lay = e.layout
+    size = f"{e.params / 1e9:.2f}B" if e.params >= 1e9 else f"{e.params / 1e6:.2f}M"
+    print(f"{size} parameters on {lay.gpus} x {e.gpu}: tp={lay.tp} pp={lay.pp} dp={lay.dp} "
+          f"zero={lay.zero_stage} micro-batch={lay.micro_batch} x {lay.micro_batches} "
+          f"seq={lay.seq_len} checkpointing={lay.checkpointing} sp={lay.sp}")
+    print(f"memory per GPU  {e.memory_gib_per_gpu:8.2f} GiB  ({'fits' if e.fits else 'DOES NOT FIT'})")
+    for k, v in e.memory_breakdown_gib.items():
+        print(f"  {k:<14}{v:10.2f} GiB")
+    print(f"step time       {e.step_time_s:8.3f} s  (pipeline bubble {100 * e.bubble_fraction:.1f}%, "
+          f"matmul efficiency {e.matmul_efficiency:.2f})")
+    for k, v in e.time_breakdown_s.items():
+        if k != "total":
+            print(f"  {k:<14}{v:10.3f} s")
+    print(f"tokens/s/GPU    {e.tokens_per_sec_per_gpu:8.1f}   MFU {100 * e.mfu:.1f}%")
+    print(f"{e.tokens / 1e9:,.0f}B tokens: {e.days:.1f} days, {e.gpu_hours:,.0f} GPU-hours, "
+          f"{e.mwh:,.1f} MWh, {e.tco2eq:,.1f} tCO2eq (PUE 1.1, 0.385 kg/kWh)")
+
+
+def _print_table(found: list[Estimate]) -> None:
+    head = f"{'tp':>3}{'pp':>4}{'dp':>6}{'zero':>5}{'mb':>4}{'ckpt':>10}{'mem GiB':>9}{'tok/s/GPU':>11}{'MFU':>7}{'days':>8}"
+    print(head)
+    for e in found:
+        lay = e.layout
+        print(f"{lay.tp:>3}{lay.pp:>4}{lay.dp:>6}{lay.zero_stage:>5}{lay.micro_batch:>4}{lay.checkpointing:>10}"
+              f"{e.memory_gib_per_gpu:>9.1f}{e.tokens_per_sec_per_gpu:>11.1f}{100 * e.mfu:>6.1f}%{e.days:>8.1f}")

@@ -1,0 +1,236 @@
+"""`megallama sweep`: train a grid of model sizes x budgets (x learning rates), gather results.csv.
+
+Every run is the real trainer in its own process::
+
+    <launcher> train --config DIR/sweep/<name>.yaml    (train.run_dir = DIR/runs/<name>)
+
+(launcher default: ``python -m megallama``; e.g. ``--launcher "torchrun --nproc_per_node 2 -m megallama"``).
+The trainer writes ``summary.json`` (params, tokens, flops, steps, final train and
+validation loss) at the end; a run whose summary exists is finished and skipped, so
+an interrupted sweep resumes where it stopped.  ``--shard I/N`` runs every N-th run
+(for N independent processes, e.g. a Slurm array); ``--gather-only`` only rebuilds
+``DIR/results.csv`` from the summaries present.
+
+Grid YAML (see megallama/configs/sweep_default.yaml)::
+
+    base: {preset: demo, train: {...}}       # shared config, as in a training YAML
+    models: {small: {dim: 64, n_layers: 2, n_heads: 4}, ...}
+    flops: [1e11, 1e12]     # compute budgets: tokens = C / flops_per_token  (IsoFLOP design)
+    tokens: [1e6, 4e6]      # or token budgets (exactly one of flops / tokens)
+    lr: [1e-3, 3e-3]        # optional
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from megallama.config import Config, _deep_update, config_from_dict, preset_config, validate
+from megallama.errors import ConfigError, UserError
+from megallama.hardware import read_yaml_mapping
+
+DEFAULT_GRID = Path(__file__).resolve().parent.parent / "megallama" / "configs" / "sweep_default.yaml"
+RESULT_COLUMNS = ["name", "model", "lr", "params", "tokens", "flops", "steps", "final_train_loss", "final_valid_loss"]
+SUMMARY_KEYS = ("params", "tokens", "flops", "steps", "final_train_loss", "final_valid_loss")
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    name: str
+    model: str
+    lr: Optional[float]
+    config: dict  # a complete training YAML (preset + sections)
+
+
+# ----------------------------------------------------------------------------- grid
+
+def load_grid(path: Path) -> list[SweepRun]:
+    """Expand a grid file into runs, each with a validated training config."""
+    grid = read_yaml_mapping(path, "grid file", "be a mapping with base:, models: and flops: or tokens: "
+                                                "(see docs/planning.md)")
+    unknown = set(grid) - {"base", "models", "flops", "tokens", "lr"}
+    if unknown:
+        raise UserError(f"grid file '{path}': unknown key(s) {', '.join(sorted(unknown))}; "
+                        "valid: base, models, flops, tokens, lr")
+    base, models = grid.get("base") or {}, grid.get("models")
+    if not isinstance(base, dict) or not isinstance(models, dict) or not models:
+        raise UserError(f"grid file '{path}': 'base' must be a mapping and 'models' a non-empty mapping "
+                        "of name -> model overrides")
+    if ("flops" in grid) == ("tokens" in grid):
+        raise UserError(f"grid file '{path}': give exactly one of 'flops:' (compute budgets) or 'tokens:'")
+    budget_key = "flops" if "flops" in grid else "tokens"
+    budgets = _positive_list(grid[budget_key], budget_key, path)
+    lrs = _positive_list(grid["lr"], "lr", path) if "lr" in grid else [None]
+    runs = []
+    for (model, overrides), budget, lr in itertools.product(models.items(), budgets, lrs):
+        if not isinstance(overrides, dict):
+            raise UserError(f"grid file '{path}': models.{model} must be a mapping of model fields")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(model)):
+            raise UserError(f"grid file '{path}': model name '{model}' names a directory; "
+                            "use letters, digits, '_', '.' and '-' only")
+        runs.append(_make_run(path, base, str(model), overrides, budget_key, budget, lr))
+    return runs
+
+
+def _positive_list(values, key: str, path: Path) -> list[float]:
+    """Positive numbers; strings such as '1e11' are accepted (YAML 1.1 reads them as text)."""
+    out = []
+    for v in values if isinstance(values, list) else [None]:
+        try:
+            x = float(v) if not isinstance(v, bool) else -1.0
+        except (TypeError, ValueError):
+            x = -1.0
+        if not x > 0:
+            raise UserError(f"grid file '{path}': '{key}' must be a non-empty list of positive numbers, "
+                            "e.g. [1.0e+11, 1.0e+12]")
+        out.append(x)
+    if not out:
+        raise UserError(f"grid file '{path}': '{key}' must be a non-empty list of positive numbers")
+    return out
+
+
+def _make_run(path: Path, base: dict, model: str, overrides: dict, budget_key: str, budget: float,
+              lr: Optional[float]) -> SweepRun:
+    raw = _deep_update(copy.deepcopy(base), {"model": dict(overrides)})
+    if lr is not None:
+        _deep_update(raw, {"optim": {"lr": lr}})
+    preset = raw.pop("preset", None)
+    try:
+        full = preset_config(preset).to_dict() if preset else Config().to_dict()
+        cfg = validate(config_from_dict(_deep_update(full, copy.deepcopy(raw))))
+    except ConfigError as exc:
+        raise UserError(f"grid file '{path}', model '{model}': {exc}") from None
+    tokens = budget if budget_key == "tokens" else budget / cfg.model.flops_per_token(cfg.train.seq_len)
+    batch = cfg.train.global_batch_size * cfg.train.seq_len
+    steps = max(1, round(tokens / batch))
+    train = {"steps": steps, "tokens": steps * batch}
+    if not cfg.train.eval_interval:
+        train["eval_interval"] = steps  # the trainer validates only on eval steps; the fit needs the last
+    _deep_update(raw, {"train": train})
+    name = f"{model}_{budget_key[0]}{budget:.3g}" + (f"_lr{lr:g}" if lr is not None else "")
+    return SweepRun(name=name.replace("+", ""), model=model, lr=lr,
+                    config=dict(preset=preset, **raw) if preset else raw)
+
+
+# ----------------------------------------------------------------------------- running
+
+def run_one(run: SweepRun, out: Path, launcher: list[str]) -> bool:
+    """Train one run unless its summary exists; True when it is finished.
+
+    ``runs/<name>/`` belongs to the trainer (it refuses a non-empty run directory), so
+    the sweep keeps its per-run config and log in ``sweep/``.  A run directory without
+    a summary is what an earlier failed or interrupted attempt left: it is moved to
+    ``runs/<name>.attempt-K`` (kept for inspection) and the run starts afresh.
+    """
+    run_dir = out / "runs" / run.name
+    if (run_dir / "summary.json").is_file():
+        return True
+    if run_dir.exists():
+        k = 1
+        while run_dir.with_name(f"{run.name}.attempt-{k}").exists():
+            k += 1
+        run_dir.rename(run_dir.with_name(f"{run.name}.attempt-{k}"))
+    own = out / "sweep"
+    own.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(run.config)
+    _deep_update(config, {"train": {"run_dir": str(run_dir)}})
+    cfg_path = own / f"{run.name}.yaml"
+    _write_atomic(cfg_path, yaml.safe_dump(config, sort_keys=False))
+    cmd = [*launcher, "train", "--config", str(cfg_path)]
+    log_path = own / f"{run.name}.log"
+    print(f"[sweep] {run.name}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    with open(log_path, "a") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc != 0 or not (run_dir / "summary.json").is_file():
+        print(f"[sweep] {run.name}: FAILED (exit {rc}); see {log_path}", flush=True)
+        return False
+    return True
+
+
+def gather(runs: list[SweepRun], out: Path) -> int:
+    """Write DIR/results.csv from the finished runs' summaries; returns the number of rows."""
+    rows = []
+    for run in runs:
+        path = out / "runs" / run.name / "summary.json"
+        if not path.is_file():
+            continue
+        try:
+            summary = json.loads(path.read_text())
+            row = {k: summary[k] for k in SUMMARY_KEYS}
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"'{path}' is not a trainer summary (needs {', '.join(SUMMARY_KEYS)}); "
+                            "delete it to re-run that point") from None
+        rows.append(dict(name=run.name, model=run.model, lr="" if run.lr is None else run.lr, **row))
+    tmp = out / "results.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, out / "results.csv")
+    return len(rows)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard '{text}': expected I/N with 0 <= I < N, e.g. --shard 0/4") from None
+    if not 0 <= i < n:
+        raise UserError(f"--shard '{text}': expected I/N with 0 <= I < N, e.g. --shard 0/4")
+    return i, n
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def add_arguments(p):
+    p.add_argument("--grid", default=str(DEFAULT_GRID), help="grid YAML (default: the small CPU grid)")
+    p.add_argument("--output", required=True, metavar="DIR", help="sweep directory (runs/<name>/, results.csv)")
+    p.add_argument("--launcher", default=f"{shlex.quote(sys.executable)} -m megallama",
+                   help="command that runs megallama, e.g. 'torchrun --nproc_per_node 2 -m megallama'")
+    p.add_argument("--shard", default="0/1", metavar="I/N", help="run only runs I, I+N, I+2N, ... (parallel sweeps)")
+    p.add_argument("--gather-only", action="store_true", help="only rebuild results.csv from finished runs")
+    p.add_argument("--dry-run", action="store_true", help="list the runs (name, steps, tokens) and exit")
+
+
+def run(args) -> int:
+    runs = load_grid(Path(args.grid))
+    out = Path(args.output)
+    shard, shards = _parse_shard(args.shard)
+    launcher = shlex.split(args.launcher)
+    if not launcher:
+        raise UserError("--launcher is empty; give the command that runs megallama, e.g. 'python -m megallama'")
+    if args.dry_run:
+        for r in runs:
+            t = r.config["train"]
+            print(f"{r.name:<28}steps={t['steps']:<7}tokens={t['tokens']}")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    failed = []
+    if not args.gather_only:
+        for run_ in runs[shard::shards]:
+            if not run_one(run_, out, launcher):
+                failed.append(run_.name)
+    done = gather(runs, out)
+    print(f"[sweep] {done}/{len(runs)} runs finished; results in {out / 'results.csv'}")
+    if failed:
+        print(f"[sweep] {len(failed)} failed: {', '.join(failed)} (re-run the same command to retry)")
+        return 1
+    return 0
