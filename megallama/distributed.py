@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import socket
 from datetime import timedelta
 from typing import MutableMapping
@@ -135,10 +136,51 @@ def init_distributed(timeout_s: float = 600.0) -> None:
 
     disable_cpu_shm_comm()
 
+    global _USED_PROCESS_GROUP
+    _USED_PROCESS_GROUP = True
     deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_s))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+_USED_PROCESS_GROUP = False  # set once this process has joined a process group
+
+
+def used_process_group() -> bool:
+    return _USED_PROCESS_GROUP
+
+
+def shutdown(barrier: bool = True, timeout_s: float = 60.0) -> None:
+    """Leave the process group together: a barrier (bounded, so a dead peer cannot hang us), then
+    ``destroy_process_group``. Without the barrier a fast rank tears down gloo while a slow one
+    still finishes its last writes; gloo may then abort at exit. ``barrier=False`` after a
+    failure, when a peer may be dead."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    if barrier:
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=timedelta(seconds=timeout_s))
+            else:
+                dist.barrier()
+        except Exception:  # a peer already gone: still release our side
+            pass
+    dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """End a process that used torch.distributed without the interpreter's teardown.
+
+    After ``shutdown`` everything megallama writes is closed and flushed, but gloo's C++ worker
+    threads may still hold tensors that refer back to Python objects; destroying them while the
+    interpreter finalises can abort the process (``terminate called without an active exception``,
+    exit -6) after a run that succeeded. ``os._exit`` keeps the exit status the run earned."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def device() -> torch.device:
@@ -157,8 +199,5 @@ class launched_group:
         return self
 
     def __exit__(self, *exc):
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown()
         return False

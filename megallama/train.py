@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megallama.config import (Config, add_config_arguments, config_from_args, gradient_accumulation_steps)
-from megallama.distributed import device, init_distributed, world_size_from_env
+from megallama.distributed import device, init_distributed, shutdown, world_size_from_env
 from megallama.checkpoint import (check_compatible, is_weights_only, latest_checkpoint, load_checkpoint, read_meta,
                                   save_checkpoint)
 from megallama.data.instruct import split_instruct_batch
@@ -49,9 +49,12 @@ def run(args) -> int:
     world = world_size_from_env()
     cfg = finetune_config(config_from_args(args, world, default_preset="demo"), args)
     check_environment(cfg)
+    together = False  # whether every rank reaches the end, so they can leave the group in step
     try:
         train(cfg)
+        together = True
     except SystemExit as exc:
+        together = exc.code == EXIT_PREEMPTED  # every rank agreed on the stop and saved
         return int(exc.code or 0)
     except TrainingHalted as exc:
         print(f"megallama train: error: {exc}", file=sys.stderr)
@@ -62,8 +65,7 @@ def run(args) -> int:
         report_failure(cfg.train.run_dir, exc)
         raise
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown(barrier=together)
     return 0
 
 
