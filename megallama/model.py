@@ -307,6 +307,14 @@ def head_loss(logits: torch.Tensor, targets: torch.Tensor, ctx: ParallelContext,
     return (losses * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def _token_weights(loss_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``[s, b]`` weights of each token's loss: None (the plain mean) or the masked mean's."""
+    if loss_mask is None:
+        return None
+    mask = loss_mask.t().float()
+    return mask / mask.sum().clamp(min=1.0)
+
+
 # ----------------------------------------------------------------------------- pipeline stages
 
 class EmbeddingStage(nn.Module):
@@ -407,9 +415,10 @@ class Transformer(nn.Module):
         x = embed(self.tok_embeddings, tokens)
         for layer in self.layers:
             x = layer(x, start_pos, kv_cache, doc_ids)
-        logits = self.output(self.norm(x))  # [s, b, V/tp]
-        if targets is not None:
-            return head_loss(logits, targets, self.ctx, self.cfg.vocab_size, loss_mask)
+        h = self.norm(x)
+        if targets is not None:  # output projection fused with the loss: no [s, b, V] logits
+            return self.output.cross_entropy(h, targets.t(), _token_weights(loss_mask), self.cfg.vocab_size)
+        logits = self.output(h)  # [s, b, V/tp]
         return gather_from_tp(logits, self.ctx.tp_group).transpose(0, 1)
 
     def new_kv_cache(self, batch_size: int, max_seq_len: Optional[int] = None, dtype=None, device=None) -> KVCache:
