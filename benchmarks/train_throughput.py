@@ -34,6 +34,7 @@ from megallama.convert import hf_config, ours_to_hf  # noqa: E402
 from megallama.engine import param_groups  # noqa: E402
 from megallama.metrics import measure_cpu_matmul_flops  # noqa: E402
 from megallama.model import build_model  # noqa: E402
+from megallama.train import compile_blocks  # noqa: E402
 
 
 def peak_matmul_flops() -> float:
@@ -91,8 +92,7 @@ def benchmark_preset(name: str, batch: int, seq_len: int, repeats: int, iters: i
     ours = build_model(cfg.model, seed=1234, checkpointing="none").train()
     peer = hf_model(cfg, ours)
     if compile_block:
-        for layer in ours.layers:
-            layer.compile()
+        compile_blocks(ours)  # what train.compile=true does
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, cfg.model.vocab_size, (batch, seq_len + 1), generator=gen) for _ in range(4)]
     times = alternate({"megallama": step_fn(ours, optimizer(ours, cfg), ours_loss, batches),
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--iters", type=int, default=0, help="steps per timed block (0 = 4 for demo, 1 otherwise)")
     ap.add_argument("--batch", type=int, default=0, help="sequences per step (0 = the preset's micro batch)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile megallama's transformer blocks")
+    ap.add_argument("--compile", action="store_true", help="torch.compile megallama's transformer blocks (train.compile)")
     ap.add_argument("--engine-steps", type=int, default=12, help="steps of the engine row (0 = skip it)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

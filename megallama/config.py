@@ -118,6 +118,7 @@ class TrainConfig:
     tokens: int = 1_000_000_000_000
     precision: str = "bf16"  # fp32 | bf16 | fp16
     activation_checkpointing: str = "selective"  # none | selective | full
+    compile: bool = False  # torch.compile each transformer block (fuses norms, rotary, SwiGLU, residuals)
     seed: int = 1234
     run_dir: str = "runs/megallama"
     ds_template: str = ""  # a file in ds_configs/ (e.g. zero1.json); empty = chosen from zero_stage
@@ -413,6 +414,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
          "use zero_stage 1 or precision fp32")
     need(t.activation_checkpointing in ("none", "selective", "full"),
          f"train.activation_checkpointing must be none, selective or full, got '{t.activation_checkpointing}'")
+    need(not (t.compile and p.tp > 1),
+         "train.compile=true needs parallel.tp=1 (the tensor-parallel communication regions, with their "
+         "asynchronous collectives, cannot be traced yet); set train.compile=false or parallel.tp=1")
     need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
     need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")

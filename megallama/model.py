@@ -98,6 +98,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     (rotary was ~20% of a demo training step's profile).  Needs an even ``hd`` and a last
     dimension of stride 1, which every projection output has.
     """
+    if torch.compiler.is_compiling():  # inductor has no complex kernels; it fuses the real form into one
+        cos, sin = (t[:, None, None, :] if t.dim() == 2 else t[:, :, None, :] for t in (cos, sin))
+        x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     rotation = torch.complex(cos, sin)
     rotation = rotation[:, None, None, :] if rotation.dim() == 2 else rotation[:, :, None, :]
@@ -224,6 +228,8 @@ class _SwiGLUFunction(torch.autograd.Function):
     def backward(ctx, grad):
         (gate_up,) = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=-1)
+        if torch.compiler.is_compiling():  # functional form: the compiler fuses it, and cannot trace out=
+            return torch.cat([torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)], dim=-1)
         grad_in = torch.empty_like(gate_up)
         grad_gate, grad_up = grad_in.chunk(2, dim=-1)
         torch.mul(grad, F.silu(gate), out=grad_up)

@@ -109,11 +109,24 @@ def build_engine(cfg: Config, ctx: ParallelContext):
         specs, weights = pipeline_layers(m, ctx, p.sequence_parallel, t.activation_checkpointing)
         model = PipelineStages(specs, weights, ctx, PipelineLoss(m, ctx), method=p.pipeline_partition)
         init_parameters(((canonical_name(n, m.n_layers), w) for n, w in model.named_parameters()), m, t.seed, ctx)
+    if t.compile:
+        compile_blocks(model)
     optimizer = build_optimizer(model, cfg)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=WarmupCosine(optimizer, cfg),
         config=deepspeed_config(cfg, ctx.world_size), mpu=MPU(ctx) if p.pp == 1 else None)
     return engine
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """``torch.compile`` every transformer block in place (``train.compile``): one graph per block,
+    forward and backward, with the element-wise work around the matmuls fused. Parameters and
+    their names are unchanged, so checkpoints and DeepSpeed see the same module."""
+    from megallama.model import TransformerBlock
+
+    for module in model.modules():
+        if isinstance(module, TransformerBlock):
+            module.compile()
 
 
 def canonical_parameters(engine, cfg: Config):

@@ -120,3 +120,25 @@ def test_training_leaves_no_shared_memory_behind(tmp_path):
     before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
     run_ranks(_losses, 2, ["train.steps=1", "parallel.tp=2"], str(tmp_path), timeout=180)
     assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) - before == set()
+
+
+def _losses_and_graphs(rank, world, overrides, run_dir):
+    from torch._dynamo.utils import counters
+
+    return _losses(rank, world, overrides, run_dir), counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,layout", [(1, []), (2, ["parallel.pp=2"]), (2, ["parallel.zero_stage=2"])])
+def test_compiled_blocks_give_the_eager_losses(tmp_path, world, layout):
+    over = layout + ["train.activation_checkpointing=selective"]
+    eager, no_graphs = run_ranks(_losses_and_graphs, world, over, str(tmp_path / "eager"), timeout=240)[0]
+    compiled, graphs = run_ranks(_losses_and_graphs, world, over + ["train.compile=true"], str(tmp_path / "compiled"),
+                                 timeout=240)[0]
+    assert no_graphs == 0 and graphs > 0  # the blocks really ran compiled
+    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(compiled, eager)), (compiled, eager)
+
+
+def test_compile_with_tensor_parallelism_is_refused():
+    with pytest.raises(ConfigError, match=r"train.compile=true needs parallel.tp=1 .* set train.compile=false"):
+        validate(load_config(None, ["parallel.tp=2", "train.compile=true"], preset="tiny"), 2)
