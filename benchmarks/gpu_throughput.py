@@ -61,8 +61,9 @@ def main(argv=None) -> int:
     cfg.model.max_seq_len = max(cfg.model.max_seq_len, args.seq)
     model = build_model(cfg.model, checkpointing=args.checkpointing).cuda().train()
     if args.compile:
-        for layer in model.layers:
-            layer.compile()
+        from megallama.train import compile_blocks
+
+        compile_blocks(model)  # what train.compile=true does
     o = cfg.optim
     opt = torch.optim.AdamW(param_groups(model.named_parameters(), o.weight_decay), lr=o.lr,
                             betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
