@@ -41,6 +41,8 @@ LAYOUTS = {  # name -> overrides (2 ranks each)
     "TP=2": ["parallel.tp=2", "parallel.zero_stage=0"],
     "TP=2 +SP": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=0"],
     "PP=2": ["parallel.pp=2", "parallel.zero_stage=0", "train.micro_batch_size=2"],
+    "PP=2 flops": ["parallel.pp=2", "parallel.zero_stage=0", "train.micro_batch_size=2",
+                   "parallel.pipeline_partition=flops"],
     "DP=2 ZeRO-0": ["parallel.zero_stage=0"],
     "DP=2 ZeRO-1": ["parallel.zero_stage=1"],
     "DP=2 ZeRO-2": ["parallel.zero_stage=2"],

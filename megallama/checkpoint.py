@@ -540,7 +540,7 @@ def stage_assignment(model_cfg: ModelConfig, pp: int, method: str = "parameters"
 
     if pp == 1:
         return {name: 0 for name in shard_specs(model_cfg, 1)}
-    _, weights = pipeline_layers(model_cfg, ParallelContext.single(), False, "none")
+    _, weights = pipeline_layers(model_cfg, ParallelContext.single(), False, "none", method)
     parts = partition(weights, pp, method)
 
     def stage(layer_index: int) -> int:

@@ -91,7 +91,7 @@ class ParallelConfig:
     dp: int = 0  # data parallel size; 0 = world_size / (tp * pp)
     sequence_parallel: bool = False
     zero_stage: int = 1
-    pipeline_partition: str = "parameters"  # DeepSpeed partition_method: parameters | uniform
+    pipeline_partition: str = "parameters"  # stage balance: parameters (memory) | flops (time) | uniform
 
     def resolve_dp(self, world_size: int) -> int:
         return self.dp or max(world_size // (self.tp * self.pp), 1)
@@ -389,8 +389,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         need(p.zero_stage <= 1,
              f"parallel.zero_stage={p.zero_stage} is not supported with pipeline parallelism (pp={p.pp}); "
              "use zero_stage 0 or 1")
-    need(p.pipeline_partition in ("parameters", "uniform"),
-         f"parallel.pipeline_partition must be 'parameters' or 'uniform', got '{p.pipeline_partition}'")
+    need(p.pipeline_partition in ("parameters", "flops", "uniform"),
+         f"parallel.pipeline_partition must be 'parameters', 'flops' or 'uniform', got '{p.pipeline_partition}'")
     if p.dp and p.tp * p.pp * p.dp != world_size:
         raise ConfigError(
             f"world size {world_size} != tp*pp*dp = {p.tp}*{p.pp}*{p.dp}; "

@@ -368,10 +368,14 @@ class PipelineLoss:
         return head_loss(logits, targets, self.ctx, self.cfg.vocab_size, mask)
 
 
-def pipeline_layers(cfg: ModelConfig, ctx: ParallelContext, sequence_parallel: bool, checkpointing: str):
+def pipeline_layers(cfg: ModelConfig, ctx: ParallelContext, sequence_parallel: bool, checkpointing: str,
+                    balance: str = "parameters"):
     """(LayerSpecs, weights) of the model as a flat list: embedding, blocks, head.
 
-    Weights are the analytic parameter counts used to balance the stages.
+    Weights balance the stages analytically: parameter counts (``balance="parameters"``,
+    which balances memory), or training FLOPs per token (``"flops"``, which balances time:
+    the embedding is a lookup, the output layer the largest matmul; attention at
+    ``cfg.max_seq_len``).  ``"uniform"`` ignores them.
     """
     from parallel.pipeline import LayerSpec
 
@@ -381,6 +385,9 @@ def pipeline_layers(cfg: ModelConfig, ctx: ParallelContext, sequence_parallel: b
     specs.append(LayerSpec(HeadStage, cfg, ctx, sp))
     vocab_params = cfg.vocab_size * cfg.dim
     block_params = (cfg.num_parameters(include_embedding=False) - cfg.dim) // cfg.n_layers
+    if balance == "flops":  # forward + backward: 6 per weight, 12·d·s for attention scores and values
+        block_flops = 6 * block_params + 12 * cfg.dim * cfg.max_seq_len
+        return specs, [0] + [block_flops] * cfg.n_layers + [6 * vocab_params]
     return specs, [vocab_params] + [block_params] * cfg.n_layers + [vocab_params + cfg.dim]
 
 

@@ -106,7 +106,8 @@ def build_engine(cfg: Config, ctx: ParallelContext):
     else:
         from parallel.pipeline import PipelineStages
 
-        specs, weights = pipeline_layers(m, ctx, p.sequence_parallel, t.activation_checkpointing)
+        specs, weights = pipeline_layers(m, ctx, p.sequence_parallel, t.activation_checkpointing,
+                                         p.pipeline_partition)
         model = PipelineStages(specs, weights, ctx, PipelineLoss(m, ctx), method=p.pipeline_partition)
         init_parameters(((canonical_name(n, m.n_layers), w) for n, w in model.named_parameters()), m, t.seed, ctx)
     if t.compile:

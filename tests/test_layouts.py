@@ -54,3 +54,25 @@ def test_layout_matches_one_process(world, overrides, tmp_path, tmp_path_factory
     assert _close(norms, ref_norms), f"grad norms {norms}\n   vs {ref_norms}"
     for other, _ in results[1:]:  # every rank reports the same global loss
         assert _close(other, losses)
+
+
+def test_stages_balanced_by_flops_differ_from_parameters():
+    """The demo's embedding is 1M parameters but no matmul: by FLOPs stage 0 takes one block more."""
+    from megallama.checkpoint import stage_assignment
+    from megallama.config import preset_config
+
+    cfg = preset_config("demo").model
+    by_params, by_flops = stage_assignment(cfg, 2, "parameters"), stage_assignment(cfg, 2, "flops")
+    assert by_params["layers.2.attention.wqkv.weight"] == 1 and by_flops["layers.2.attention.wqkv.weight"] == 0
+    assert by_flops["tok_embeddings.weight"] == 0 and by_flops["output.weight"] == 1
+
+
+def test_flops_balanced_pipeline_matches_one_process(tmp_path):
+    # with a 4096-token vocabulary the output layer outweighs all 4 blocks: stage 1 holds only the head
+    model = ["model.vocab_size=4096"]
+    ref_losses, ref_norms = run_ranks(_train_case, 1, model, str(tmp_path / "ref"), timeout=240)[0]
+    results = run_ranks(_train_case, 2, model + ["parallel.pp=2", "parallel.pipeline_partition=flops"],
+                        str(tmp_path / "pp"), timeout=300)
+    losses, norms = results[0]
+    assert _close(losses, ref_losses), f"losses {losses}\n   vs {ref_losses}"
+    assert _close(norms, ref_norms), f"grad norms {norms}\n   vs {ref_norms}"
