@@ -120,9 +120,14 @@ def model_state_bytes(params: int, dp: int, zero_stage: int, largest_layer_param
     optimizer (fp32 master, fp32 gradients, Adam moments) over ``dp`` ranks,
     ZeRO-2 also the 16-bit gradients, ZeRO-3 also the 16-bit parameters, which
     are gathered one layer at a time (params + grads of the largest layer).
+    In fp32, ZeRO-1/2 still keep an fp32 partition beside the parameters (measured by
+    ``benchmarks/parallel_layouts.py``); ZeRO-0 and ZeRO-3 step the parameters themselves.
     """
     b = _MIXED if precision in ("bf16", "fp16") else _FP32
-    opt = (b["master"] + b["adam"] + b["grads32"]) * params
+    master = b["master"]
+    if precision == "fp32" and zero_stage in (1, 2):
+        master = 4  # DeepSpeed's ZeRO-1/2 optimizer steps an fp32 partition of its own even in fp32
+    opt = (master + b["adam"] + b["grads32"]) * params
     p16, g16 = b["params"] * params, b["grads"] * params
     if zero_stage >= 1:
         opt /= dp
