@@ -177,9 +177,14 @@ def exit_process(code: int) -> None:
     After ``shutdown`` everything megallama writes is closed and flushed, but gloo's C++ worker
     threads may still hold tensors that refer back to Python objects; destroying them while the
     interpreter finalises can abort the process (``terminate called without an active exception``,
-    exit -6) after a run that succeeded. ``os._exit`` keeps the exit status the run earned."""
+    exit -6) after a run that succeeded. ``os._exit`` keeps the exit status the run earned.
+    MPI, when mpi4py brought it up (``mpirun`` launches), is finalised first: mpirun counts
+    a process that exits without ``MPI_Finalize`` as an abnormal termination."""
     sys.stdout.flush()
     sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
     os._exit(code)
 
 

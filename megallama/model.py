@@ -430,7 +430,7 @@ class Transformer(nn.Module):
             x = layer(x, start_pos, kv_cache, doc_ids)
         h = self.norm(x)
         if targets is not None:  # output projection fused with the loss: no [s, b, V] logits
-            return self.output.cross_entropy(h, targets.t(), _token_weights(loss_mask), self.cfg.vocab_size)
+            return self.output(h, targets.t(), _token_weights(loss_mask), self.cfg.vocab_size)
         logits = self.output(h)  # [s, b, V/tp]
         return gather_from_tp(logits, self.ctx.tp_group).transpose(0, 1)
 

@@ -54,20 +54,24 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features // self.tp, in_features, device=device, dtype=dtype))
         mark_sharded(self.weight, 0, chunks)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None,
+                token_weight: Optional[torch.Tensor] = None, vocab_size: Optional[int] = None) -> torch.Tensor:
+        """``x W^T`` (this rank's columns), or with ``target`` the loss of this layer as the
+        vocab-parallel output projection: ``sum_t token_weight_t · CE(x_t W^T, target_t)``
+        (default: the mean over tokens), never materialising the logits
+        (:func:`parallel.cross_entropy.linear_cross_entropy`).  ``target`` and ``token_weight``
+        have ``x``'s leading shape (the full sequence under sequence parallelism); rows at or
+        beyond ``vocab_size`` are padding.  Both go through ``__call__``, so hooks that
+        gather partitioned weights (ZeRO-3) see the layer used."""
+        if target is not None:
+            if self.gather_output:
+                raise ValueError("the fused loss needs gather_output=False (it never gathers the logits)")
+            x = comm.gather_from_sp(x, self.group) if self.sequence_parallel else comm.copy_to_tp(x, self.group)
+            tw = None if token_weight is None else token_weight.reshape(-1)
+            return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, target.reshape(-1), tw,
+                                        self.group, vocab_size)
         y = comm.linear_with_grad_comm(x, self.weight, self.group, self.sequence_parallel)
         return comm.gather_from_tp(y, self.group) if self.gather_output else y
-
-    def cross_entropy(self, x: torch.Tensor, target: torch.Tensor, token_weight: Optional[torch.Tensor] = None,
-                      vocab_size: Optional[int] = None) -> torch.Tensor:
-        """``sum_t token_weight_t · CE(self(x)_t, target_t)`` (default: the mean over tokens) with
-        this layer as the vocab-parallel output projection, never materialising the logits
-        (:func:`parallel.cross_entropy.linear_cross_entropy`). ``target`` and ``token_weight``
-        have ``x``'s leading shape (the full sequence under sequence parallelism)."""
-        x = comm.gather_from_sp(x, self.group) if self.sequence_parallel else comm.copy_to_tp(x, self.group)
-        tw = None if token_weight is None else token_weight.reshape(-1)
-        return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, target.reshape(-1), tw, self.group,
-                                    vocab_size)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, tp={self.tp}, "

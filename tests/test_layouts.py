@@ -76,3 +76,15 @@ def test_flops_balanced_pipeline_matches_one_process(tmp_path):
     losses, norms = results[0]
     assert _close(losses, ref_losses), f"losses {losses}\n   vs {ref_losses}"
     assert _close(norms, ref_norms), f"grad norms {norms}\n   vs {ref_norms}"
+
+
+def test_zero3_partitioned_output_layer_matches_one_process(tmp_path):
+    """The fused output projection + loss goes through the layer's __call__, so ZeRO-3 gathers
+    its partitioned weight (a 2048-token vocabulary puts it far above the persistence threshold)."""
+    model = ["model.vocab_size=2048"]
+    ref_losses, ref_norms = run_ranks(_train_case, 1, model, str(tmp_path / "ref"), timeout=240)[0]
+    results = run_ranks(_train_case, 2, model + ["parallel.zero_stage=3", "train.micro_batch_size=1"],
+                        str(tmp_path / "z3"), timeout=300)
+    losses, norms = results[0]
+    assert _close(losses, ref_losses), f"losses {losses}\n   vs {ref_losses}"
+    assert _close(norms, ref_norms), f"grad norms {norms}\n   vs {ref_norms}"
