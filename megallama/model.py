@@ -29,7 +29,6 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from megallama.config import ModelConfig
 from parallel.comm import gather_from_tp
-from parallel.cross_entropy import vocab_parallel_cross_entropy
 from parallel.init import init_normal_
 from parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, replicated_weight
 from parallel.topology import ParallelContext
@@ -300,19 +299,6 @@ def embed(tok_embeddings: VocabParallelEmbedding, tokens: torch.Tensor) -> torch
     return tok_embeddings(tokens.t())
 
 
-def head_loss(logits: torch.Tensor, targets: torch.Tensor, ctx: ParallelContext, vocab_size: int,
-              loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean next-token loss from vocab-parallel logits ``[s, b, V/tp]`` and targets ``[b, s]``.
-
-    With ``loss_mask`` ``[b, s]`` only masked-in tokens count (e.g. instruction responses).
-    """
-    losses = vocab_parallel_cross_entropy(logits, targets.t(), ctx.tp_group, vocab_size)  # [s, b]
-    if loss_mask is None:
-        return losses.mean()
-    mask = loss_mask.t().to(losses.dtype)
-    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
-
-
 def _token_weights(loss_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """``[s, b]`` weights of each token's loss: None (the plain mean) or the masked mean's."""
     if loss_mask is None:
@@ -341,11 +327,14 @@ class EmbeddingStage(nn.Module):
 
 
 class HeadStage(nn.Module):
-    """Last pipeline layer: final norm and the (untied) output projection -> logits ``[s, b, V/tp]``."""
+    """Last pipeline layer: the final norm -> hidden states ``[s, b, d]``.  It also owns the (untied)
+    output projection, which :class:`PipelineLoss` runs fused with the cross-entropy, so the last
+    stage never materialises ``[s, b, V/tp]`` logits (as :class:`Transformer` does not)."""
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, sequence_parallel: bool = False,
                  device=None, dtype=None):
         super().__init__()
+        self.vocab_size = cfg.vocab_size
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, ctx, sequence_parallel, device, dtype)
         self.output = ColumnParallelLinear(cfg.dim, cfg.padded_vocab_size(ctx.tp_size), ctx,
                                            sequence_parallel=sequence_parallel, device=device, dtype=dtype)
@@ -354,18 +343,34 @@ class HeadStage(nn.Module):
     def forward(self, x) -> torch.Tensor:
         if isinstance(x, tuple):  # (hidden, doc_ids) of packed documents
             x = x[0]
-        return self.output(self.norm(x))
+        return self.norm(x)
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean next-token loss of normed hidden states ``[s, b, d]`` and targets ``[b, s]``; with
+        ``loss_mask`` ``[b, s]`` only masked-in tokens count (e.g. instruction responses)."""
+        return self.output(h, targets.t(), _token_weights(loss_mask), self.vocab_size)
 
 
 class PipelineLoss:
-    """``loss_fn(logits, labels)`` of the last stage; labels are targets or (targets, loss_mask)."""
+    """``loss_fn(hidden, labels)`` of the last stage; labels are targets or (targets, loss_mask).
 
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
-        self.cfg, self.ctx = cfg, ctx
+    DeepSpeed hands the loss function the last layer's output; the output projection that turns
+    it into a loss lives in that layer (:class:`HeadStage`), found by :meth:`bind` once the
+    stage is built."""
 
-    def __call__(self, logits: torch.Tensor, labels) -> torch.Tensor:
+    def __init__(self):
+        self.head: Optional[HeadStage] = None
+
+    def bind(self, stage: nn.Module) -> "PipelineLoss":
+        heads = [m for m in stage.modules() if isinstance(m, HeadStage)]
+        self.head = heads[0] if heads else None  # only the last stage holds it (and computes the loss)
+        return self
+
+    def __call__(self, hidden: torch.Tensor, labels) -> torch.Tensor:
+        if self.head is None:
+            raise RuntimeError("PipelineLoss called on a stage without the output layer; bind() it to the last stage")
         targets, mask = labels if isinstance(labels, (tuple, list)) else (labels, None)
-        return head_loss(logits, targets, self.ctx, self.cfg.vocab_size, mask)
+        return self.head.loss(hidden, targets, mask)
 
 
 def pipeline_layers(cfg: ModelConfig, ctx: ParallelContext, sequence_parallel: bool, checkpointing: str,

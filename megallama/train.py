@@ -108,7 +108,9 @@ def build_engine(cfg: Config, ctx: ParallelContext):
 
         specs, weights = pipeline_layers(m, ctx, p.sequence_parallel, t.activation_checkpointing,
                                          p.pipeline_partition)
-        model = PipelineStages(specs, weights, ctx, PipelineLoss(m, ctx), method=p.pipeline_partition)
+        loss_fn = PipelineLoss()
+        model = PipelineStages(specs, weights, ctx, loss_fn, method=p.pipeline_partition)
+        loss_fn.bind(model)
         init_parameters(((canonical_name(n, m.n_layers), w) for n, w in model.named_parameters()), m, t.seed, ctx)
     if t.compile:
         compile_blocks(model)

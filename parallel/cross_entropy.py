@@ -8,8 +8,8 @@ from the softmax.
 
 Two forms:
 
-* :func:`vocab_parallel_cross_entropy` takes logits someone else computed (the last
-  pipeline stage hands DeepSpeed logits and a loss function).
+* :func:`vocab_parallel_cross_entropy` takes logits someone else computed (for a model
+  that needs its logits anyway, e.g. to sample from them).
 * :func:`linear_cross_entropy` fuses the output projection with the loss: it walks the
   tokens in chunks, and for each chunk computes the logits, the loss and, when gradients
   are wanted, already the gradients of the input and the weight (``softmax - onehot`` is
