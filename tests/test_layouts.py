@@ -47,13 +47,23 @@ LAYOUTS = [  # (world, overrides)
 
 @pytest.mark.parametrize("world,overrides", LAYOUTS, ids=lambda v: ",".join(v) if isinstance(v, list) else str(v))
 def test_layout_matches_one_process(world, overrides, tmp_path, tmp_path_factory):
-    ref_losses, ref_norms = reference(tmp_path_factory)
     results = run_ranks(_train_case, world, overrides, str(tmp_path), timeout=300)
-    losses, norms = results[0]
+    _assert_same_run(results[0], reference(tmp_path_factory))
+    for other, _ in results[1:]:  # every rank reports the same global loss
+        assert _close(other, results[0][0])
+
+
+def _assert_same_run(got, ref):
+    """(losses, grad norms) of a layout equal the one-process reference's."""
+    (losses, norms), (ref_losses, ref_norms) = got, ref
     assert _close(losses, ref_losses), f"losses {losses}\n   vs {ref_losses}"
     assert _close(norms, ref_norms), f"grad norms {norms}\n   vs {ref_norms}"
-    for other, _ in results[1:]:  # every rank reports the same global loss
-        assert _close(other, losses)
+
+
+def _assert_two_ranks_match_one(model, layout, tmp_path):
+    """2 ranks with ``layout`` train like 1 process, both on the ``model`` overrides."""
+    ref = run_ranks(_train_case, 1, model, str(tmp_path / "ref"), timeout=240)[0]
+    _assert_same_run(run_ranks(_train_case, 2, model + layout, str(tmp_path / "layout"), timeout=300)[0], ref)
 
 
 def test_stages_balanced_by_flops_differ_from_parameters():
@@ -69,22 +79,12 @@ def test_stages_balanced_by_flops_differ_from_parameters():
 
 def test_flops_balanced_pipeline_matches_one_process(tmp_path):
     # with a 4096-token vocabulary the output layer outweighs all 4 blocks: stage 1 holds only the head
-    model = ["model.vocab_size=4096"]
-    ref_losses, ref_norms = run_ranks(_train_case, 1, model, str(tmp_path / "ref"), timeout=240)[0]
-    results = run_ranks(_train_case, 2, model + ["parallel.pp=2", "parallel.pipeline_partition=flops"],
-                        str(tmp_path / "pp"), timeout=300)
-    losses, norms = results[0]
-    assert _close(losses, ref_losses), f"losses {losses}\n   vs {ref_losses}"
-    assert _close(norms, ref_norms), f"grad norms {norms}\n   vs {ref_norms}"
+    _assert_two_ranks_match_one(["model.vocab_size=4096"], ["parallel.pp=2", "parallel.pipeline_partition=flops"],
+                                tmp_path)
 
 
 def test_zero3_partitioned_output_layer_matches_one_process(tmp_path):
     """The fused output projection + loss goes through the layer's __call__, so ZeRO-3 gathers
     its partitioned weight (a 2048-token vocabulary puts it far above the persistence threshold)."""
-    model = ["model.vocab_size=2048"]
-    ref_losses, ref_norms = run_ranks(_train_case, 1, model, str(tmp_path / "ref"), timeout=240)[0]
-    results = run_ranks(_train_case, 2, model + ["parallel.zero_stage=3", "train.micro_batch_size=1"],
-                        str(tmp_path / "z3"), timeout=300)
-    losses, norms = results[0]
-    assert _close(losses, ref_losses), f"losses {losses}\n   vs {ref_losses}"
-    assert _close(norms, ref_norms), f"grad norms {norms}\n   vs {ref_norms}"
+    _assert_two_ranks_match_one(["model.vocab_size=2048"], ["parallel.zero_stage=3", "train.micro_batch_size=1"],
+                                tmp_path)
