@@ -37,18 +37,21 @@ from parallel.topology import ParallelContext
 class _RMSNormFunction(torch.autograd.Function):
     """``rms_norm(x.float()).type_as(x) * weight`` with a hand-written backward.
 
-    Forward is one fused kernel (``aten::_fused_rms_norm``, which has no CPU backward);
-    only the input and the per-token ``rstd`` are kept for backward.  The composite
-    ``F.rms_norm`` instead runs pow/mean/rsqrt/mul as separate kernels and keeps the
-    normalised tensor as well: one activation of s·b·h less per norm (two per block) and
-    fewer passes over memory (benchmarks/activation_memory.py, train_throughput.py).
+    Only the input and the per-token ``rstd`` are kept for backward; autograd through
+    ``F.rms_norm`` would keep the normalised tensor as well: one activation of s·b·h less
+    per norm (two per block).  The per-token rstd comes from one reduction
+    (``vector_norm``), with no squared copy of the input, and the output is scaled in
+    place, so forward allocates only what it returns (benchmarks/train_throughput.py).
     """
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        normed, rstd = torch.ops.aten._fused_rms_norm(x.float(), [x.shape[-1]], None, eps)
+        xf = x.float()
+        # one reduction pass for the per-token rstd (no squared copy of x): 1/sqrt(mean(x²) + eps)
+        rstd = (torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps)).rsqrt_()
         ctx.save_for_backward(x, rstd, weight)
-        return normed.type_as(x) * weight
+        out = (xf * rstd).type_as(x)
+        return out.mul_(weight) if weight.dtype == out.dtype else out * weight
 
     @staticmethod
     def backward(ctx, grad):
@@ -58,8 +61,9 @@ class _RMSNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_weight = (grad * normed.type_as(x)).flatten(0, -2).sum(0).to(weight.dtype)
         g = (grad * weight).float()
-        # d/dx of x·rstd: rstd · (g − x̂ · mean(g · x̂))
-        grad_x = (g - normed * (g * normed).mean(-1, keepdim=True)) * rstd
+        # d/dx of x·rstd: rstd · (g − x̂ · mean(g · x̂)), computed in place in x̂'s buffer
+        mean = (g * normed).mean(-1, keepdim=True)
+        grad_x = normed.mul_(mean.neg_()).add_(g).mul_(rstd)
         return grad_x.type_as(x), grad_weight, None
 
 
@@ -213,15 +217,17 @@ class _SwiGLUFunction(torch.autograd.Function):
     """``silu(gate) * up`` of the fused ``[..., 2f]`` projection output, as one autograd node.
 
     Keeps only the projection output for backward (autograd would also keep ``silu(gate)``,
-    s·b·f more per block) and writes both halves of the input gradient into one buffer, so
-    no ``cat`` joins them afterwards (it showed in the demo's profile).
+    s·b·f more per block).  Forward and backward allocate only the tensor they return and
+    work in place in it: every fresh activation-sized temporary costs page faults on CPU
+    (glibc maps large blocks afresh) and a pass over memory on any device.  Backward writes
+    both halves of the input gradient into one buffer, so no ``cat`` joins them.
     """
 
     @staticmethod
     def forward(ctx, gate_up):
         ctx.save_for_backward(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return F.silu(gate).mul_(up)
 
     @staticmethod
     def backward(ctx, grad):
@@ -231,8 +237,9 @@ class _SwiGLUFunction(torch.autograd.Function):
             return torch.cat([torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)], dim=-1)
         grad_in = torch.empty_like(gate_up)
         grad_gate, grad_up = grad_in.chunk(2, dim=-1)
-        torch.mul(grad, F.silu(gate), out=grad_up)
-        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        torch.ops.aten.silu.out(gate, out=grad_up).mul_(grad)            # d/d up   = grad · silu(gate)
+        torch.mul(grad, up, out=grad_gate)                                # d/d gate = grad · up · silu'(gate)
+        torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
         return grad_in
 
 
