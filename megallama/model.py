@@ -91,24 +91,82 @@ def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (x[2i], x[2i+1]) of ``x`` ``[s, b, h, hd]`` (Meta's layout).
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of ``x`` ``[s, b, h, hd]`` (Meta's layout):
+    ``(x0·cos − x1·sin, x0·sin + x1·cos)`` in fp32.  ``cos``/``sin`` are ``[s, hd/2]`` (one
+    position per sequence index) or ``[s, b, hd/2]`` (per-sample positions of packed documents).
+    The reference form: the compiler fuses it into one kernel; eager training runs
+    :class:`_RotaryQKV`, the same arithmetic as one complex multiply."""
+    cos, sin = (t[:, None, None, :] if t.dim() == 2 else t[:, :, None, :] for t in (cos, sin))
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
 
-    ``cos``/``sin`` are ``[s, hd/2]`` (one position per sequence index) or ``[s, b, hd/2]``
-    (per-sample positions of packed documents).  Done as one complex multiply, as in Meta's
-    reference code: each pair is viewed as a complex number and multiplied by ``cos + i·sin``.
-    Same arithmetic as the explicit ``(x0·cos − x1·sin, x0·sin + x1·cos)``, but one kernel
-    forward and one backward instead of four strided multiplies, two adds and a stack
-    (rotary was ~20% of a demo training step's profile).  Needs an even ``hd`` and a last
-    dimension of stride 1, which every projection output has.
+
+def _as_complex(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[..., hd]`` (fp32) as ``[..., hd/2]`` complex pairs, a view wherever the strides allow."""
+    pairs = x.unflatten(-1, (-1, 2))
+    if x.stride(-1) != 1 or x.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
+        pairs = pairs.contiguous()
+    return torch.view_as_complex(pairs)
+
+
+class _RotaryQKV(torch.autograd.Function):
+    """The fused projection output ``[s, b, (h + 2·kvh)·hd]`` -> rotated q ``[s, b, h, hd]``,
+    rotated k and v ``[s, b, kvh, hd]``, as one autograd node.
+
+    Each pair of q and k is one complex number multiplied by ``cos + i·sin`` (as in Meta's
+    reference code): one kernel instead of the real form's four strided multiplies, two adds
+    and a stack (rotary was ~20% of a demo step's profile).  q and k are adjacent in the
+    projection, so they rotate in one call; v is a view of the projection output.  Backward
+    rotates the q and k gradients back (by the conjugate) straight into one buffer of the
+    projection output's shape and copies v's gradient next to them: autograd through
+    split, multiply and split would allocate that gradient three times and join it twice,
+    and every fresh activation-sized tensor costs page faults on CPU.
     """
+
+    @staticmethod
+    def forward(ctx, qkv, rotation, n_heads, n_kv_heads, head_dim):
+        s, b = qkv.shape[:2]
+        n_rot = n_heads + n_kv_heads
+        qk, v = qkv.split([n_rot * head_dim, n_kv_heads * head_dim], dim=-1)
+        rotated = torch.view_as_real(_as_complex(qk.float().view(s, b, n_rot, head_dim)) * rotation)
+        q, k = rotated.flatten(-2).type_as(qkv).split([n_heads, n_kv_heads], dim=2)
+        ctx.save_for_backward(rotation)
+        ctx.meta = (qkv.shape, qkv.dtype, n_heads, n_kv_heads, head_dim)
+        return q, k, v.view(s, b, n_kv_heads, head_dim)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        (rotation,) = ctx.saved_tensors
+        shape, dtype, n_heads, n_kv_heads, hd = ctx.meta
+        s, b = shape[:2]
+        grad = torch.empty(shape, dtype=dtype, device=rotation.device)
+        g_q, g_k, g_v = (t.view(s, b, -1, hd) for t in grad.split([n_heads * hd, n_kv_heads * hd, n_kv_heads * hd], -1))
+        back = rotation.conj()
+        for g, dst in ((grad_q, g_q), (grad_k, g_k)):
+            if g is None:
+                dst.zero_()
+            elif dst.dtype == torch.float32:
+                torch.mul(_as_complex(g.float()), back, out=_as_complex(dst))
+            else:
+                dst.copy_(torch.view_as_real(_as_complex(g.float()) * back).flatten(-2))
+        if grad_v is None:
+            g_v.zero_()
+        else:
+            g_v.copy_(grad_v)
+        return grad, None, None, None, None
+
+
+def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv_heads: int,
+               head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, v) heads ``[s, b, heads, hd]`` of the fused projection output, q and k rotated."""
     if torch.compiler.is_compiling():  # inductor has no complex kernels; it fuses the real form into one
-        cos, sin = (t[:, None, None, :] if t.dim() == 2 else t[:, :, None, :] for t in (cos, sin))
-        x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-        return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+        s, b = qkv.shape[:2]
+        qk, v = qkv.split([(n_heads + n_kv_heads) * head_dim, n_kv_heads * head_dim], dim=-1)
+        q, k = apply_rotary(qk.view(s, b, n_heads + n_kv_heads, head_dim), cos, sin).split([n_heads, n_kv_heads], 2)
+        return q, k, v.view(s, b, n_kv_heads, head_dim)
     rotation = torch.complex(cos, sin)
     rotation = rotation[:, None, None, :] if rotation.dim() == 2 else rotation[:, :, None, :]
-    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+    return _RotaryQKV.apply(qkv, rotation, n_heads, n_kv_heads, head_dim)
 
 
 # ----------------------------------------------------------------------------- packed documents
@@ -183,7 +241,6 @@ class Attention(nn.Module):
         qkv = self.wqkv(x)  # [s, b, (h + 2*kvh) * hd] of the local heads (full s under SP)
         s, b = qkv.shape[:2]
         hd = self.head_dim
-        qk, v = qkv.split([(self.n_heads + self.n_kv_heads) * hd, self.n_kv_heads * hd], dim=-1)
         doc_mask = None
         if doc_ids is None:
             cos, sin = self.rope(start_pos, s, x.device)
@@ -191,10 +248,7 @@ class Attention(nn.Module):
             positions, doc_mask = document_layout(doc_ids)
             cos, sin = self.rope(0, s, x.device)
             cos, sin = cos[positions.t()], sin[positions.t()]  # [s, b, hd/2]
-        # q and k are adjacent in the fused projection: rotate them in one call
-        q, k = apply_rotary(qk.view(s, b, self.n_heads + self.n_kv_heads, hd), cos, sin).split(
-            [self.n_heads, self.n_kv_heads], dim=2)
-        v = v.view(s, b, self.n_kv_heads, hd)
+        q, k, v = rotary_qkv(qkv, cos, sin, self.n_heads, self.n_kv_heads, hd)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, hd]
 
         mask, causal = None, True
