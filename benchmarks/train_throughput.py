@@ -13,6 +13,13 @@ MFU is model FLOP/s (``ModelConfig.flops_per_token``: 6N + 12·L·d·s) over the
 measured peak of a large fp32 matmul with the same threads, taken in the same run.
 The ``engine`` row runs ``megallama train``'s own step (DeepSpeed, ZeRO-1, fp32) on
 synthetic batches, for what the full training loop costs on top of the model.
+
+The ``kernel floor`` column is what a contender's step would cost if everything but its
+matmuls and attention kernels were free: every such kernel of one step is recorded
+(operator, shapes, strides, a copy of its inputs) and replayed alone, warm, and the
+medians are summed.  ``ceiling`` is the peer's measured step over megallama's floor: the
+largest speed-up over the peer any implementation built on the same torch kernels can
+reach on this machine.
 """
 
 from __future__ import annotations
@@ -21,17 +28,19 @@ import argparse
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from benchmarks._common import alternate, loadavg, median_ratio, print_table  # noqa: E402
 from megallama.config import Config, preset_config  # noqa: E402
 from megallama.convert import hf_config, ours_to_hf  # noqa: E402
-from megallama.engine import param_groups  # noqa: E402
+from megallama.engine import build_optimizer  # noqa: E402
 from megallama.metrics import measure_cpu_matmul_flops  # noqa: E402
 from megallama.model import build_model  # noqa: E402
 from megallama.train import compile_blocks  # noqa: E402
@@ -53,10 +62,9 @@ def hf_model(cfg: Config, ours: torch.nn.Module) -> torch.nn.Module:
 
 
 def optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """The training run's AdamW (megallama.engine's groups), identical for both contenders."""
-    o = cfg.optim
-    return torch.optim.AdamW(param_groups(model.named_parameters(), o.weight_decay), lr=o.lr,
-                             betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)
+    """The training run's AdamW (``megallama.engine.build_optimizer``: its groups, torch's fused
+    kernel), built the same way for both contenders."""
+    return build_optimizer(model, cfg)
 
 
 def step_fn(model, opt, loss_of, batches):
@@ -84,6 +92,53 @@ def hf_loss(model, inputs, targets):
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
+_MATMULS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_, torch.ops.aten.bmm,
+            torch.ops.aten.baddbmm, torch.ops.aten.baddbmm_}
+
+
+def _is_kernel(func) -> bool:
+    """A matmul or an attention kernel (any SDPA backend, forward or backward)."""
+    return func.overloadpacket in _MATMULS or "scaled_dot_product" in func.__name__
+
+
+class _RecordKernels(TorchDispatchMode):
+    """Records each distinct matmul/attention call (operator, shapes, strides, dtypes) of the
+    code run under it, with a copy of its inputs and how often it ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _is_kernel(func):
+            sig = lambda a: (tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a  # noqa: E731
+            key = (func, tuple(map(sig, args)), tuple((k, sig(v)) for k, v in sorted(kwargs.items())))
+            if key not in self.calls:
+                copy = lambda a: a.detach().clone() if isinstance(a, torch.Tensor) else a  # noqa: E731
+                self.calls[key] = [func, [copy(a) for a in args], {k: copy(v) for k, v in kwargs.items()}, 0]
+            self.calls[key][3] += 1
+        return func(*args, **kwargs)
+
+
+def kernel_floor(step, repeats: int = 7) -> float:
+    """Seconds of one ``step()`` spent in its matmul and attention kernels alone: each recorded
+    kernel replayed on copies of its inputs, median of ``repeats`` (after 2 warm-ups) times its count."""
+    step()
+    recorder = _RecordKernels()
+    with recorder:
+        step()
+    total = 0.0
+    for func, args, kwargs, count in recorder.calls.values():
+        times = []
+        for _ in range(repeats + 2):
+            start = time.perf_counter()
+            func(*args, **kwargs)
+            times.append(time.perf_counter() - start)
+        total += count * statistics.median(times[2:])
+    return total
+
+
 def benchmark_preset(name: str, batch: int, seq_len: int, repeats: int, iters: int, compile_block: bool):
     cfg = preset_config(name)
     cfg.train.seq_len = seq_len
@@ -91,15 +146,16 @@ def benchmark_preset(name: str, batch: int, seq_len: int, repeats: int, iters: i
     torch.manual_seed(0)
     ours = build_model(cfg.model, seed=1234, checkpointing="none").train()
     peer = hf_model(cfg, ours)
-    if compile_block:
-        compile_blocks(ours)  # what train.compile=true does
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, cfg.model.vocab_size, (batch, seq_len + 1), generator=gen) for _ in range(4)]
-    times = alternate({"megallama": step_fn(ours, optimizer(ours, cfg), ours_loss, batches),
-                       "hf": step_fn(peer, optimizer(peer, cfg), hf_loss, batches)},
-                      repeats=repeats, iters=iters, warmup=2)
+    steps = {"megallama": step_fn(ours, optimizer(ours, cfg), ours_loss, batches),
+             "hf": step_fn(peer, optimizer(peer, cfg), hf_loss, batches)}
+    floors = {who: kernel_floor(step) for who, step in steps.items()}  # eager: compiling keeps the same kernels
+    if compile_block:
+        compile_blocks(ours)  # what train.compile=true does
+    times = alternate(steps, repeats=repeats, iters=iters, warmup=2)
     tokens = batch * seq_len
-    return cfg, tokens, times
+    return cfg, tokens, times, floors
 
 
 def engine_tokens_per_sec(steps: int) -> float:
@@ -136,22 +192,25 @@ def main(argv=None) -> int:
         seq = 256 if name == "demo" else 512
         batch = args.batch or preset_config(name).train.micro_batch_size
         iters = args.iters or (4 if name == "demo" else 1)
-        cfg, tokens, times = benchmark_preset(name, batch, seq, args.repeats, iters, args.compile)
+        cfg, tokens, times, floors = benchmark_preset(name, batch, seq, args.repeats, iters, args.compile)
         peak = max(peak, peak_matmul_flops())
         fpt = cfg.model.flops_per_token(seq)
         load = loadavg()
         for who in ("megallama", "hf"):
             tps = tokens / statistics.median(times[who])
+            ceiling = f"{statistics.median(times['hf']) / floors[who]:.2f}" if who == "megallama" else ""
             rows.append([name, f"{cfg.model.num_parameters() / 1e6:.1f}M", f"{batch}x{seq}", who,
                          f"{tps:,.0f}", f"{100 * tps * fpt / peak:.1f}%",
-                         f"{median_ratio(times[who], times['hf']):.3f}", load])
+                         f"{median_ratio(times[who], times['hf']):.3f}", f"{1000 * floors[who]:.0f} ms",
+                         ceiling, load])
     if "demo" in args.presets and args.engine_steps:
         fpt = preset_config("demo").model.flops_per_token(256)
         tps = engine_tokens_per_sec(args.engine_steps)
         rows.append(["demo", "", "16x256", "megallama train (DeepSpeed)", f"{tps:,.0f}",
-                     f"{100 * tps * fpt / peak:.1f}%", "", loadavg()])
+                     f"{100 * tps * fpt / peak:.1f}%", "", "", "", loadavg()])
     print(f"threads {args.threads} | peak fp32 matmul {peak / 1e9:.1f} GFLOP/s | torch {torch.__version__}")
-    print_table(["preset", "params", "batch", "model", "tokens/s", "MFU", "vs hf", "load"], rows)
+    print_table(["preset", "params", "batch", "model", "tokens/s", "MFU", "vs hf", "kernel floor", "ceiling", "load"],
+                rows)
     return 0
 
 

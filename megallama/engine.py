@@ -129,7 +129,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     """The paper's AdamW.  ``fused=True`` (torch's one-kernel step, on CPU since torch 2.4) wherever
     every parameter allows it: on CPU tensors torch otherwise defaults to a Python loop over the
     parameters, 11x slower on the demo preset (20 ms against 1.8 ms a step,
-    ``benchmarks/train_throughput.py --optimizer``)."""
+    docs/performance.md)."""
     o = cfg.optim
     groups = param_groups(model.named_parameters(), o.weight_decay)
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
