@@ -146,7 +146,7 @@ class _RotaryQKV(torch.autograd.Function):
             if g is None:
                 dst.zero_()
             elif dst.dtype == torch.float32:
-                torch.mul(_as_complex(g.float()), back, out=_as_complex(dst))
+                torch.mul(_as_complex(g.float()), back, out=torch.view_as_complex(dst.unflatten(-1, (-1, 2))))
             else:
                 dst.copy_(torch.view_as_real(_as_complex(g.float()) * back).flatten(-2))
         if grad_v is None:
