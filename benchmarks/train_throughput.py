@@ -61,12 +61,6 @@ def hf_model(cfg: Config, ours: torch.nn.Module) -> torch.nn.Module:
     return model.train()
 
 
-def optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """The training run's AdamW (``megallama.engine.build_optimizer``: its groups, torch's fused
-    kernel), built the same way for both contenders."""
-    return build_optimizer(model, cfg)
-
-
 def step_fn(model, opt, loss_of, batches):
     """One training step on the next batch: forward, loss, backward, optimizer step, zero_grad."""
     state = {"i": 0}
@@ -148,8 +142,9 @@ def benchmark_preset(name: str, batch: int, seq_len: int, repeats: int, iters: i
     peer = hf_model(cfg, ours)
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, cfg.model.vocab_size, (batch, seq_len + 1), generator=gen) for _ in range(4)]
-    steps = {"megallama": step_fn(ours, optimizer(ours, cfg), ours_loss, batches),
-             "hf": step_fn(peer, optimizer(peer, cfg), hf_loss, batches)}
+    # the training run's AdamW (groups, torch's fused kernel), built the same way for both
+    steps = {"megallama": step_fn(ours, build_optimizer(ours, cfg), ours_loss, batches),
+             "hf": step_fn(peer, build_optimizer(peer, cfg), hf_loss, batches)}
     floors = {who: kernel_floor(step) for who, step in steps.items()}  # eager: compiling keeps the same kernels
     if compile_block:
         compile_blocks(ours)  # what train.compile=true does
