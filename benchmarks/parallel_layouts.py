@@ -12,16 +12,21 @@ inside a timing :class:`~parallel.comm_counter.CommCounter`.
   TP: Megatron's 4 all-reduces of s·b·h per layer + embedding and output layer
   + the 3 token-sized cross-entropy reductions; SP: the same volume as all-gathers and
   reduce-scatters + the replicated norm weights' gradients; PP: one activation and one
-  gradient of s·b·h per micro-batch and stage boundary; DP: ZeRO-0/1/2 one gradient
-  all-reduce (or reduce-scatter + all-gather) of N, ZeRO-3 1.5× that (parameters
-  gathered for forward and backward).
+  gradient of s·b·h per micro-batch and stage boundary; DP (N parameter bytes, a
+  reduce-scatter or all-gather of them = (g−1)/g·N): ZeRO-0 one all-reduce per step,
+  ZeRO-1 one reduce-scatter + the parameter all-gather, ZeRO-2 a reduce-scatter per
+  micro-batch (its gradients are partitioned, so it cannot accumulate them) + the
+  all-gather, ZeRO-3 per micro-batch one parameter all-gather (two for models over
+  ``stage3_max_reuse_distance`` parameters, which DeepSpeed releases between forward and
+  backward) and one reduce-scatter.  A reduce to one rank (ZeRO-1/2's per-partition
+  reduction) costs the other ranks their contribution each.
 * **Hidden**: 1 − (time ranks were blocked in collectives during the step) / (time the
   same collectives take when replayed back to back afterwards).  Asynchronous
   collectives count only the time spent in ``wait()``.
 * **Bubble**: per stage, the share of the step the stage spent blocked in
   send/recv/broadcast, next to (p−1)/(m+p−1).
-* **ZeRO memory**: per-rank parameter, gradient (at the peak: after the last backward,
-  before the step) and optimizer bytes found in the engine, next to the planner.
+* **ZeRO memory**: per-rank parameter, gradient (the peak over the step: after each
+  micro-batch's backward) and optimizer bytes found in the engine, next to the planner.
 """
 
 from __future__ import annotations
@@ -43,10 +48,12 @@ LAYOUTS = {  # name -> overrides (2 ranks each)
     "PP=2": ["parallel.pp=2", "parallel.zero_stage=0", "train.micro_batch_size=2"],
     "PP=2 flops": ["parallel.pp=2", "parallel.zero_stage=0", "train.micro_batch_size=2",
                    "parallel.pipeline_partition=flops"],
-    "DP=2 ZeRO-0": ["parallel.zero_stage=0"],
-    "DP=2 ZeRO-1": ["parallel.zero_stage=1"],
-    "DP=2 ZeRO-2": ["parallel.zero_stage=2"],
-    "DP=2 ZeRO-3": ["parallel.zero_stage=3"],
+    # DP: micro-batches of 4, so each step accumulates 2 of them (the gradient peak and ZeRO-2/3's
+    # per-micro-batch communication show)
+    "DP=2 ZeRO-0": ["parallel.zero_stage=0", "train.micro_batch_size=4"],
+    "DP=2 ZeRO-1": ["parallel.zero_stage=1", "train.micro_batch_size=4"],
+    "DP=2 ZeRO-2": ["parallel.zero_stage=2", "train.micro_batch_size=4"],
+    "DP=2 ZeRO-3": ["parallel.zero_stage=3", "train.micro_batch_size=4"],
 }
 P2P = ("send", "recv", "isend", "irecv", "broadcast")
 
@@ -86,15 +93,6 @@ class _TimedWork:
         return getattr(self._work, name)
 
 
-def wire_bytes(op: str, nbytes: int, g: int) -> float:
-    """Bytes one rank sends for ``op`` with a ``nbytes`` input over ``g`` ranks (ring algorithms)."""
-    if g <= 1:
-        return 0.0
-    return {"all_reduce": 2 * (g - 1) / g * nbytes, "all_gather": (g - 1) * nbytes,
-            "reduce_scatter": (g - 1) / g * nbytes, "send": nbytes, "isend": nbytes,
-            "broadcast": nbytes / g}.get(op, 0.0)  # receives are the senders' bytes; broadcast: root sends
-
-
 def minimum_bytes(name: str, cfg, gas: int, world: int) -> float:
     """The analytical minimum of bytes one rank sends per optimizer step (see the module docstring)."""
     m, t = cfg.model, cfg.train
@@ -108,8 +106,22 @@ def minimum_bytes(name: str, cfg, gas: int, world: int) -> float:
         return gas * per_micro
     if name.startswith("PP"):
         return gas * sbh  # each stage sends one s*b*h tensor per micro-batch (activation or gradient)
+    # DP: N gradient/parameter bytes; a reduce-scatter or an all-gather of them costs half an all-reduce.
     n = cfg.model.num_parameters(tp=1) * f
-    return (1.5 if name.endswith("3") else 1.0) * ring * n
+    half = ring / 2 * n
+    stage = cfg.parallel.zero_stage
+    if stage <= 1:  # gradients accumulate locally; one reduction at the step (+ ZeRO-1's parameter gather)
+        return 2 * half
+    if stage == 2:  # partitioned gradients: reduce-scattered after every micro-batch's backward
+        return gas * half + half
+    # ZeRO-3: parameters gathered for each micro-batch's forward (and again for its backward when
+    # DeepSpeed released them: models over stage3_max_reuse_distance parameters), gradients
+    # reduce-scattered after each backward
+    from megallama.engine import deepspeed_config
+
+    reuse = deepspeed_config(cfg, world)["zero_optimization"].get("stage3_max_reuse_distance", 10**9)
+    gathers = 2 if cfg.model.num_parameters(tp=1) > reuse else 1
+    return gas * (gathers + 1) * half
 
 
 def _replay_seconds(calls) -> float:
@@ -119,13 +131,15 @@ def _replay_seconds(calls) -> float:
 
     total = 0.0
     for c in calls:
-        if c.op not in ("all_reduce", "all_gather", "reduce_scatter"):
+        if c.op not in ("all_reduce", "all_gather", "reduce_scatter", "reduce"):
             continue
         g = c.group_size
         x = torch.zeros(c.numel)
         start = time.perf_counter()
         if c.op == "all_reduce":
             dist.all_reduce(x, group=c.group)
+        elif c.op == "reduce":
+            dist.reduce(x, c.root_rank, group=c.group)
         elif c.op == "all_gather":
             dist.all_gather_into_tensor(torch.empty(c.numel * g), x, group=c.group)
         else:
@@ -149,7 +163,8 @@ def _state_bytes(engine) -> dict:
     def total(tensors) -> int:
         n = 0
         for x in tensors:
-            if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
+            if (not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0
+                    or x.device.type == "meta"):  # DeepSpeed keeps meta-device shapes: no memory
                 continue
             key = x.untyped_storage().data_ptr()
             if key not in seen:
@@ -161,7 +176,9 @@ def _state_bytes(engine) -> dict:
     p_bytes = total(getattr(p, "ds_tensor", p) for p in params)
     opt = engine.optimizer
     base = getattr(opt, "optimizer", opt)
+    # ZeRO-3 hands its fp32 partitions to the base optimizer only inside step()
     masters = [p for g in base.param_groups for p in g["params"]]
+    masters += getattr(opt, "fp32_partitioned_groups_flat", [])
     o_bytes = total(masters) + total(v for st in base.state.values() for v in st.values())
     grads = [p.grad for p in params + masters if p.grad is not None]
     for value in vars(opt).values():  # ZeRO's gradient buckets and partitions
@@ -199,12 +216,12 @@ def _case(rank, world, preset, overrides, steps):
                                   ctx.dp_rank, ctx.dp_size), torch.device("cpu"))
     train_step(engine, batches, gas, ctx, p.pp > 1)  # warm-up
     memory = None
-    if p.pp == 1:  # the gradient peak: after the last backward of a step, before the optimizer step
+    if p.pp == 1:  # the peak over a step: after each micro-batch's backward (before the optimizer step)
         for _ in range(gas):
             inputs, targets = next(batches)
             engine.backward(engine(inputs, targets))
-            if _ == gas - 1:
-                memory = _state_bytes(engine)
+            now = _state_bytes(engine)
+            memory = {k: max(v, (memory or now)[k]) for k, v in now.items()}
             engine.step()
     results = []
     for _ in range(steps):
@@ -215,7 +232,7 @@ def _case(rank, world, preset, overrides, steps):
         calls = [c for c in cc.calls if c.numel > 1]  # scalars (loss, norms) are bookkeeping
         collectives = [c for c in calls if c.op not in P2P]
         results.append(dict(
-            sent=sum(wire_bytes(c.op, c.bytes, c.group_size) for c in cc.calls),
+            sent=cc.sent_bytes(),
             blocked=sum(c.blocked for c in collectives), replay=_replay_seconds(collectives),
             p2p_blocked=sum(c.blocked for c in cc.calls if c.op in P2P), step=elapsed))
     return dict(results=results, memory=memory, gas=gas, stage=ctx.pp_rank)
@@ -257,7 +274,8 @@ def main(argv=None) -> int:
             mib = lambda x: f"{x / 2**20:.1f}"  # noqa: E731
             mem_rows.append([name, mib(mem["parameters"]), mib(pl["parameters"]), mib(mem["gradients"]),
                              mib(pl["gradients"]), mib(mem["optimizer"]), mib(pl["optimizer"])])
-    print(f"{args.preset}, 2 ranks (gloo, 1 thread each), fp32, global batch 16; MiB per rank per step")
+    print(f"{args.preset}, 2 ranks (gloo, 1 thread each), fp32, global batch 16 (DP: micro-batches of 4, 2 "
+          "accumulated per step); MiB per rank per step")
     print_table(["layout", "sent", "minimum", "ratio", "hidden", "load"], comm_rows)
     if bubble_rows:
         print()

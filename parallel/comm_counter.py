@@ -24,6 +24,7 @@ _WRAPPED = {
     "reduce_scatter_single": 1,
     "reduce_scatter_tensor": 1,
     "broadcast": 0,
+    "reduce": 0,
     "send": 0,
     "recv": 0,
     "isend": 0,
@@ -51,6 +52,22 @@ class Call:
     bytes: int
     group_size: int
     async_op: bool = False
+    root_rank: int | None = None  # reduce/broadcast: the global rank receiving / sending the result
+    root: bool = False  # this rank is that root
+
+    @property
+    def sent(self) -> float:
+        """Bytes this rank puts on the wire for the call, with bandwidth-optimal algorithms: ring
+        all-reduce 2(g−1)/g·n, all-gather (g−1)·n (n: the local shard), reduce-scatter (g−1)/g·n,
+        send n; a reduce costs every rank but the destination its contribution n; a broadcast
+        n/g on average (the root sends it); receives cost the senders."""
+        g, n = self.group_size, self.bytes
+        if g <= 1:
+            return 0.0
+        if self.op == "reduce":
+            return 0.0 if self.root else float(n)
+        return {"all_reduce": 2 * (g - 1) / g * n, "all_gather": (g - 1) * n, "reduce_scatter": (g - 1) / g * n,
+                "send": n, "isend": n, "broadcast": n / g}.get(self.op, 0.0)
 
 
 class CommCounter:
@@ -87,8 +104,11 @@ class CommCounter:
             t = args[idx] if len(args) > idx else kwargs.get("tensor", kwargs.get("input_tensor", kwargs.get("input")))
             group = kwargs.get("group")
             size = dist.get_world_size(group) if group is not None else dist.get_world_size()
+            root = None
+            if op in ("reduce", "broadcast"):  # the global rank that receives (reduce) or sends (broadcast)
+                root = args[1] if len(args) > 1 else kwargs.get("dst", kwargs.get("src"))
             self.calls.append(Call(op, t.numel(), t.numel() * t.element_size(), size,
-                                   bool(kwargs.get("async_op", False))))
+                                   bool(kwargs.get("async_op", False)), root, root == dist.get_rank()))
             return fn(*args, **kwargs)
 
         return wrapper
@@ -104,3 +124,7 @@ class CommCounter:
 
     def total_bytes(self) -> int:
         return sum(c.bytes for c in self.calls)
+
+    def sent_bytes(self) -> float:
+        """Bytes this rank put on the wire (:attr:`Call.sent` summed)."""
+        return sum(c.sent for c in self.calls)

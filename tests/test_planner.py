@@ -64,11 +64,12 @@ def test_zero_stages_by_hand():
     p, n = 1000, 10
     assert sum(model_state_bytes(p, n, 0).values()) == 20 * p  # 2 + 2 + 4 + 4 + 8
     assert sum(model_state_bytes(p, n, 1).values()) == 4 * p + 16 * p / n
-    # fp32: ZeRO-1/2 keep DeepSpeed's fp32 partition (4 bytes) beside the moments; ZeRO-0/3 do not
+    # fp32: ZeRO-1/2/3 keep DeepSpeed's fp32 partition (4 bytes) beside the moments, ZeRO-3 also a
+    # gradient partition (4 bytes); ZeRO-0 steps the parameters themselves
     assert sum(model_state_bytes(p, n, 0, precision="fp32").values()) == 16 * p
     assert sum(model_state_bytes(p, n, 1, precision="fp32").values()) == 8 * p + 12 * p / n
     assert sum(model_state_bytes(p, n, 2, precision="fp32").values()) == 4 * p + 16 * p / n
-    assert sum(model_state_bytes(p, n, 3, precision="fp32").values()) == 12 * p / n
+    assert sum(model_state_bytes(p, n, 3, precision="fp32").values()) == 20 * p / n
 
 
 def test_activation_formulas_llama_block():

@@ -120,13 +120,14 @@ def model_state_bytes(params: int, dp: int, zero_stage: int, largest_layer_param
     optimizer (fp32 master, fp32 gradients, Adam moments) over ``dp`` ranks,
     ZeRO-2 also the 16-bit gradients, ZeRO-3 also the 16-bit parameters, which
     are gathered one layer at a time (params + grads of the largest layer).
-    In fp32, ZeRO-1/2 still keep an fp32 partition beside the parameters (measured by
-    ``benchmarks/parallel_layouts.py``); ZeRO-0 and ZeRO-3 step the parameters themselves.
+    In fp32 (measured by ``benchmarks/parallel_layouts.py``) ZeRO-1/2/3 still keep an fp32
+    partition beside the parameters (ZeRO-0 steps the parameters themselves), and ZeRO-3
+    keeps its reduce-scattered gradient partition in the training dtype.
     """
     b = _MIXED if precision in ("bf16", "fp16") else _FP32
     master = b["master"]
-    if precision == "fp32" and zero_stage in (1, 2):
-        master = 4  # DeepSpeed's ZeRO-1/2 optimizer steps an fp32 partition of its own even in fp32
+    if precision == "fp32" and zero_stage >= 1:
+        master = 4  # DeepSpeed's ZeRO optimizers step an fp32 partition of their own even in fp32
     opt = (master + b["adam"] + b["grads32"]) * params
     p16, g16 = b["params"] * params, b["grads"] * params
     if zero_stage >= 1:
@@ -136,7 +137,9 @@ def model_state_bytes(params: int, dp: int, zero_stage: int, largest_layer_param
     gathered = 0
     if zero_stage == 3:
         p16 /= dp
-        g16 = 0  # reduce-scattered straight into the fp32 partition; the layer buffer holds them
+        # mixed precision: reduce-scattered into the fp32 partition (counted with the optimizer, as
+        # DeepSpeed's estimator does); fp32: a gradient partition of its own
+        g16 = b["grads"] * params / dp if precision == "fp32" else 0
         gathered = (b["params"] + b["grads"]) * largest_layer_params
     return dict(parameters=p16, gradients=g16, optimizer=opt, zero3_gathered=gathered)
 
