@@ -48,6 +48,9 @@ LAYOUTS = {  # name -> overrides (2 ranks each)
     "PP=2": ["parallel.pp=2", "parallel.zero_stage=0", "train.micro_batch_size=2"],
     "PP=2 flops": ["parallel.pp=2", "parallel.zero_stage=0", "train.micro_batch_size=2",
                    "parallel.pipeline_partition=flops"],
+    # balanced stages (embedding and output layer of a 256-token vocabulary weigh next to nothing):
+    # the idle time left is the schedule's own bubble
+    "PP=2 balanced": ["parallel.pp=2", "parallel.zero_stage=0", "train.micro_batch_size=2", "model.vocab_size=256"],
     # DP: micro-batches of 4, so each step accumulates 2 of them (the gradient peak and ZeRO-2/3's
     # per-micro-batch communication show)
     "DP=2 ZeRO-0": ["parallel.zero_stage=0", "train.micro_batch_size=4"],

@@ -122,3 +122,56 @@ def test_parameter_gradients_equal_hf(kv_heads):
     for name, g in hf_grads.items():
         err = (ours_grads[name] - g).abs().max().item()
         assert err <= 1e-5 * max(1.0, g.abs().max().item()) + 1e-7, f"{name}: max difference {err:.3g}"
+
+
+def test_backward_buffers_are_reused_only_when_free():
+    from megallama.model import _Reusable
+
+    cache = _Reusable(max_entries=2)
+    a = cache.empty((64, 32), torch.float32, torch.device("cpu"))
+    ptr = a.data_ptr()
+    half = a[:, :16]  # a view still holds the storage
+    del a
+    b = cache.empty((64, 32), torch.float32, torch.device("cpu"))
+    assert b.data_ptr() != ptr and half.data_ptr() == ptr  # in use: a new buffer, the old one untouched
+    ptr_b = b.data_ptr()
+    del b, half
+    assert cache.empty((64, 32), torch.float32, torch.device("cpu")).data_ptr() == ptr_b  # free: reused
+    for n in (1, 2, 3):
+        cache.empty((n,), torch.float32, torch.device("cpu"))
+    assert len(cache._storages) == 2  # bounded: the least recently used go
+    assert cache.empty((64, 32), torch.float32, torch.device("meta")).device.type == "meta"  # only CPU is cached
+
+
+@pytest.mark.parametrize("node", ["swiglu", "rotary"])
+def test_kept_input_gradient_survives_the_next_backward(node):
+    """A gradient somebody keeps (here a hook) is never overwritten by a later backward that reuses
+    the node's buffers, and a freed one is reused without changing results."""
+    gen = torch.Generator().manual_seed(0)
+    s, b, h, hd = 8, 2, 2, 8
+    if node == "swiglu":
+        x = torch.randn(s, b, 2 * 24, generator=gen)
+
+        def fn(t):
+            return _SwiGLUFunction.apply(t)
+    else:
+        x = torch.randn(s, b, 3 * h * hd, generator=gen)
+        cos, sin = rotary_tables(hd, s, 10000.0)
+
+        def fn(t):
+            return torch.cat([o.flatten(2) for o in rotary_qkv(t, cos, sin, h, h, hd)], dim=-1)
+
+    out_shape = fn(x).shape
+    gs = [torch.randn(out_shape, generator=gen) for _ in range(3)]
+    expected = [_grads(fn, [x], g)[1][0].clone() for g in gs]
+    kept, ptrs = None, []
+    for step, g in enumerate(gs):
+        leaf = x.detach().clone().requires_grad_()
+        (grad,) = torch.autograd.grad(fn(leaf), leaf, g)
+        torch.testing.assert_close(grad, expected[step], rtol=0, atol=0)
+        ptrs.append(grad.data_ptr())
+        if step == 0:  # step 0's gradient is kept; later steps' are dropped after use
+            kept, first = grad, grad.clone()
+        del grad
+    assert torch.equal(kept, first)  # not overwritten by steps 1 and 2
+    assert ptrs[1] != ptrs[0] and ptrs[2] == ptrs[1]  # the kept buffer was left alone, the freed one reused
