@@ -100,8 +100,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_x = grad_w = None
         if want_grad:
             grad_x = torch.empty_like(x)
-            # the weight gradient sums over chunks: accumulate in fp32 whatever the weight's dtype
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            # the weight gradient sums over chunks: accumulate in fp32 whatever the weight's dtype;
+            # the first chunk writes it (no pass zeroing a vocabulary-sized tensor first)
+            grad_w = (torch.empty if n_tokens else torch.zeros)(weight.shape, dtype=torch.float32, device=weight.device)
         for lo in range(0, n_tokens, chunk):
             hi = min(n_tokens, lo + chunk)
             xc, tc = x[lo:hi], target[lo:hi]
@@ -130,7 +131,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             g = probs.to(x.dtype)
             torch.matmul(g, weight, out=grad_x[lo:hi])
             if weight.dtype == torch.float32:
-                grad_w.addmm_(g.t(), xc)
+                torch.mm(g.t(), xc, out=grad_w) if lo == 0 else grad_w.addmm_(g.t(), xc)
+            elif lo == 0:
+                grad_w.copy_(torch.matmul(g.t(), xc))
             else:
                 grad_w.add_(torch.matmul(g.t(), xc))
         if want_grad:
