@@ -9,7 +9,7 @@ from tests.distributed import run_ranks
 S, B = 16, 3
 
 
-def _count_case(rank, world, sp):
+def _count_case(rank, world, sp, checkpointing="none"):
     from megallama.config import preset_config
     from megallama.model import TransformerBlock, init_parameters
     from parallel.comm_counter import CommCounter
@@ -17,7 +17,7 @@ def _count_case(rank, world, sp):
 
     cfg = preset_config("tiny").model
     ctx = ParallelContext.from_distributed(tp=world)
-    block = TransformerBlock(0, cfg, ctx, sequence_parallel=sp)
+    block = TransformerBlock(0, cfg, ctx, sequence_parallel=sp, checkpointing=checkpointing)
     init_parameters(block.named_parameters(prefix="layers.0"), cfg, 0, ctx)
     s_local = S // world if sp else S
     x = torch.randn(s_local, B, cfg.dim, generator=torch.Generator().manual_seed(1), requires_grad=True)
@@ -83,6 +83,25 @@ def _zero_step_case(rank, world, stage):
         if c.numel > 1:  # scalars (loss, gradient norm) are bookkeeping
             by_op[c.op] = by_op.get(c.op, 0) + c.sent
     return by_op, gas, cfg.model.num_parameters(tp=1) * 4
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
+@pytest.mark.parametrize("sp", [False, True])
+def test_planner_counts_the_collectives_of_a_block(sp, checkpointing):
+    """The planner's per-block TP communication (in all-gathers/reduce-scatters of s*b*h, an
+    all-reduce counting 2) is what one block really runs, forward + backward, recomputation included."""
+    from dataclasses import replace
+
+    from tools.planner import Layout, tp_collectives_per_layer
+
+    world = 2
+    res = run_ranks(_count_case, world, sp, checkpointing, timeout=120)[0]
+    sbh = S * B * res["h"]
+    weight = {("all_reduce", sbh): 2, ("all_gather", sbh // world): 1, ("reduce_scatter", sbh): 1}
+    measured = sum(weight.get(k, 0) * n for phase in ("fwd", "bwd") for k, n in res[phase].items())
+    lay = replace(Layout(gpus=2, tp=2), sequence_parallel=sp, checkpointing=checkpointing)
+    assert lay.sp == sp
+    assert tp_collectives_per_layer(lay) == measured
 
 
 @pytest.mark.slow

@@ -197,6 +197,20 @@ def recompute_flops_per_token(m: ModelConfig, lay: Layout) -> float:
     return 0.0
 
 
+def tp_collectives_per_layer(lay: Layout) -> int:
+    """Tensor-parallel collectives of one block per micro-batch, in all-gathers/reduce-scatters of
+    the s·b·h activation (an all-reduce counts 2), as ``tests/test_comm_count.py`` counts them:
+    forward 2 all-reduces (SP: 2 all-gathers + 2 reduce-scatters), backward the same; SP also
+    re-gathers the 2 column-parallel inputs in backward (its activation saving); recomputation
+    (selective or full) re-runs the forward up to the FFN's matmuls, collectives included: the
+    attention's all-reduce (SP: the attention input's all-gather, its reduce-scatter and the FFN
+    input's all-gather)."""
+    units = 8 + (2 if lay.sp else 0)
+    if lay.checkpointing in ("selective", "full"):
+        units += 3 if lay.sp else 2
+    return units
+
+
 def _ring_time(nbytes: float, n: int, bandwidth: float) -> float:
     """Reduce-scatter or all-gather of ``nbytes`` (the full tensor) over ``n`` ranks in a ring."""
     return 0.0 if n <= 1 else nbytes * (n - 1) / n / bandwidth
@@ -215,9 +229,7 @@ def step_time(m: ModelConfig, lay: Layout, gpu: GpuSpec, matmul_efficiency: floa
     # Memory-bound ops per token and layer (norms, residual adds, rotary, SwiGLU product,
     # forward and backward, 16-bit): about (60h + 16f) bytes.
     elementwise = (60 * h + 16 * m.ffn_hidden) * tokens_mb * layers / t / gpu.hbm_bandwidth
-    # Tensor parallel: 4 all-gather/reduce-scatter (or 2 all-reduce) forward, 4 backward,
-    # 4 more when the forward is recomputed; each moves the s*b*h 16-bit activation.
-    collectives = 8 + (4 if lay.checkpointing == "full" else 0)
+    collectives = tp_collectives_per_layer(lay)
     tp_comm = collectives * layers * _ring_time(_act_bytes(lay) * tokens_mb * h, t, nvlink if t <= node else net)
     # Pipeline: one activation and one gradient per micro-batch cross each stage boundary.
     pp_bw = net if lay.gpus > node and t * lay.dp >= node else nvlink
