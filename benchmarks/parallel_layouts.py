@@ -199,29 +199,20 @@ def _state_bytes(engine) -> dict:
 def _case(rank, world, preset, overrides, steps):
     import torch
 
-    from megallama.config import gradient_accumulation_steps, load_config, validate
-    from megallama.data.pipeline import micro_batches
-    from megallama.distributed import init_distributed
-    from megallama.train import Timed, build_engine, train_step
-    from parallel.topology import ParallelContext
-    from tests.synthetic import bundle
+    from megallama.config import load_config, validate
+    from tests.synthetic import synthetic_engine
 
     torch.set_num_threads(1)
     base = ["train.tensorboard=false", "train.precision=fp32", "train.global_batch_size=16",
             "train.micro_batch_size=8", f"train.steps={steps + 2}"]
     cfg = validate(load_config(None, base + overrides, preset=preset), world)
-    init_distributed()
-    p, t = cfg.parallel, cfg.train
-    ctx = ParallelContext.from_distributed(p.tp, p.pp)
-    engine = build_engine(cfg, ctx)
-    gas = gradient_accumulation_steps(cfg, world)
-    batches = Timed(micro_batches(bundle(cfg).train, 0, t.global_batch_size, t.micro_batch_size,
-                                  ctx.dp_rank, ctx.dp_size), torch.device("cpu"))
-    train_step(engine, batches, gas, ctx, p.pp > 1)  # warm-up
+    run = synthetic_engine(cfg, world)
+    engine, gas = run.engine, run.gas
+    run.step()  # warm-up
     memory = None
-    if p.pp == 1:  # the peak over a step: after each micro-batch's backward (before the optimizer step)
+    if cfg.parallel.pp == 1:  # the peak over a step: after each micro-batch's backward (before the optimizer step)
         for _ in range(gas):
-            inputs, targets = next(batches)
+            inputs, targets = next(run.batches)
             engine.backward(engine(inputs, targets))
             now = _state_bytes(engine)
             memory = {k: max(v, (memory or now)[k]) for k, v in now.items()}
@@ -230,7 +221,7 @@ def _case(rank, world, preset, overrides, steps):
     for _ in range(steps):
         with TimedCounter() as cc:
             start = time.perf_counter()
-            train_step(engine, batches, gas, ctx, p.pp > 1)
+            run.step()
             elapsed = time.perf_counter() - start
         calls = [c for c in cc.calls if c.numel > 1]  # scalars (loss, norms) are bookkeeping
         collectives = [c for c in calls if c.op not in P2P]
@@ -238,7 +229,7 @@ def _case(rank, world, preset, overrides, steps):
             sent=cc.sent_bytes(),
             blocked=sum(c.blocked for c in collectives), replay=_replay_seconds(collectives),
             p2p_blocked=sum(c.blocked for c in cc.calls if c.op in P2P), step=elapsed))
-    return dict(results=results, memory=memory, gas=gas, stage=ctx.pp_rank)
+    return dict(results=results, memory=memory, gas=gas, stage=run.ctx.pp_rank)
 
 
 def main(argv=None) -> int:

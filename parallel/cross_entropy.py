@@ -130,12 +130,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs.mul_(token_weight[lo:hi].unsqueeze(-1))
             g = probs.to(x.dtype)
             torch.matmul(g, weight, out=grad_x[lo:hi])
-            if weight.dtype == torch.float32:
-                torch.mm(g.t(), xc, out=grad_w) if lo == 0 else grad_w.addmm_(g.t(), xc)
+            if weight.dtype != torch.float32:  # a 16-bit product, summed in fp32
+                part = torch.matmul(g.t(), xc)
+                if lo == 0:
+                    grad_w.copy_(part)
+                else:
+                    grad_w.add_(part)
             elif lo == 0:
-                grad_w.copy_(torch.matmul(g.t(), xc))
+                torch.mm(g.t(), xc, out=grad_w)
             else:
-                grad_w.add_(torch.matmul(g.t(), xc))
+                grad_w.addmm_(g.t(), xc)
         if want_grad:
             ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype

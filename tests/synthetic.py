@@ -37,3 +37,26 @@ def train_tiny(world: int, settings: list, run_dir: str, real_data: bool = False
 
     cfg = validate(load_config(None, list(settings) + [f"train.run_dir={run_dir}"], preset="tiny"), world)
     return train(cfg, data=None if real_data else bundle(cfg))
+
+
+def synthetic_engine(cfg, world: int):
+    """``megallama train``'s engine and step for a validated ``cfg`` on ``bundle(cfg)``, in this
+    process's rank of ``world``: a namespace of engine, micro-batch iterator, accumulation steps,
+    ParallelContext and ``step()`` (one optimizer step, as the training loop runs it)."""
+    import torch
+
+    from megallama.config import gradient_accumulation_steps
+    from megallama.data.pipeline import micro_batches
+    from megallama.distributed import init_distributed
+    from megallama.train import Timed, build_engine, train_step
+    from parallel.topology import ParallelContext
+
+    init_distributed()
+    p, t = cfg.parallel, cfg.train
+    ctx = ParallelContext.from_distributed(p.tp, p.pp)
+    engine = build_engine(cfg, ctx)
+    gas = gradient_accumulation_steps(cfg, world)
+    batches = Timed(micro_batches(bundle(cfg).train, 0, t.global_batch_size, t.micro_batch_size,
+                                  ctx.dp_rank, ctx.dp_size), torch.device("cpu"))
+    return SimpleNamespace(engine=engine, batches=batches, gas=gas, ctx=ctx,
+                           step=lambda: train_step(engine, batches, gas, ctx, p.pp > 1))

@@ -55,34 +55,22 @@ def test_collectives_per_layer(sp):
 
 
 def _zero_step_case(rank, world, stage):
-    import torch
-
-    from megallama.config import gradient_accumulation_steps, load_config, validate
-    from megallama.data.pipeline import micro_batches
-    from megallama.distributed import init_distributed
-    from megallama.train import Timed, build_engine, train_step
+    from megallama.config import load_config, validate
     from parallel.comm_counter import CommCounter
-    from parallel.topology import ParallelContext
-    from tests.synthetic import bundle
+    from tests.synthetic import synthetic_engine
 
     cfg = validate(load_config(None, ["train.tensorboard=false", "train.precision=fp32", "train.global_batch_size=8",
                                       "train.micro_batch_size=2", f"parallel.zero_stage={stage}"], preset="tiny"),
                    world)
-    init_distributed()
-    ctx = ParallelContext.from_distributed(1, 1)
-    engine = build_engine(cfg, ctx)
-    gas = gradient_accumulation_steps(cfg, world)
-    t = cfg.train
-    batches = Timed(micro_batches(bundle(cfg).train, 0, t.global_batch_size, t.micro_batch_size, ctx.dp_rank,
-                                  ctx.dp_size), torch.device("cpu"))
-    train_step(engine, batches, gas, ctx, False)  # warm-up
+    run = synthetic_engine(cfg, world)
+    run.step()  # warm-up
     with CommCounter() as cc:
-        train_step(engine, batches, gas, ctx, False)
+        run.step()
     by_op: dict = {}
     for c in cc.calls:
         if c.numel > 1:  # scalars (loss, gradient norm) are bookkeeping
             by_op[c.op] = by_op.get(c.op, 0) + c.sent
-    return by_op, gas, cfg.model.num_parameters(tp=1) * 4
+    return by_op, run.gas, cfg.model.num_parameters(tp=1) * 4
 
 
 @pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
