@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Optional
 
-from megallama.errors import EXIT_USAGE, UserError
+from megallama.errors import EXIT_USAGE, UserError, say
 
 # name -> (module, one-line help).  Keep this table the only registry of jobs.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -92,7 +92,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return int(importlib.import_module(SUBCOMMANDS[args.command][0]).run(args) or 0)
     except UserError as exc:
-        print(f"megallama {args.command}: error: {exc}", file=sys.stderr)
+        say(f"megallama {args.command}: error: {exc}")
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

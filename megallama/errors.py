@@ -6,7 +6,16 @@ with one line that names what is wrong and how to fix it.  The CLI prints it as
 created or overwritten.
 """
 
+import sys
+
 EXIT_USAGE = 2
+
+
+def say(line: str) -> None:
+    """Write one line to stderr in a single ``write``: the ranks of a job share one pipe, and
+    ``print`` writes the text and its newline separately, so two ranks' lines could run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 class UserError(Exception):

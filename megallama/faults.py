@@ -30,7 +30,6 @@ import math
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,6 +38,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from megallama.errors import say
 
 EXIT_HALTED = 3  # stopped on purpose (too many bad steps); distinct from crashes (1) and bad input (2)
 FAULT_ENV = "MEGALLAMA_FAULT"
@@ -214,10 +215,10 @@ class StepMonitor:
             step, waited = self.step, time.monotonic() - self.started
             if step is not None and waited > self.step_timeout_s:
                 peers = self.heartbeat.peers()
-                print(f"megallama train: rank {self.rank} stuck in step {step} for {waited:.0f}s "
-                      f"(last completed step {self.last_step}; limit train.collective_timeout_s="
-                      f"{self.step_timeout_s:g}); this rank or a peer is hung, or the network is down"
-                      + (f"; {peers}" if peers else "") + "; exiting", file=sys.stderr, flush=True)
+                say(f"megallama train: rank {self.rank} stuck in step {step} for {waited:.0f}s "
+                    f"(last completed step {self.last_step}; limit train.collective_timeout_s="
+                    f"{self.step_timeout_s:g}); this rank or a peer is hung, or the network is down"
+                    + (f"; {peers}" if peers else "") + "; exiting")
                 os._exit(1)
 
     def end(self, step: int, applied: bool, loss: float) -> None:
@@ -230,9 +231,9 @@ class StepMonitor:
         self.bad_steps += 1
         self.bad_run.append(step)
         if self.rank == 0:
-            print(f"megallama train: step {step} skipped: non-finite loss or gradient "
-                  f"({len(self.bad_run)} in a row, {self.bad_steps} in total; "
-                  f"stopping at train.max_bad_steps={self.max_bad_steps})", file=sys.stderr, flush=True)
+            say(f"megallama train: step {step} skipped: non-finite loss or gradient "
+                f"({len(self.bad_run)} in a row, {self.bad_steps} in total; "
+                f"stopping at train.max_bad_steps={self.max_bad_steps})")
         if len(self.bad_run) >= self.max_bad_steps:
             raise TrainingHalted(
                 f"stopped after {len(self.bad_run)} consecutive non-finite steps ({self.bad_run[0]}-{step}); "
@@ -252,11 +253,10 @@ def report_failure(run_dir: str, exc: BaseException) -> None:
     try:
         last = json.loads(path.read_text())["step"]
     except (OSError, ValueError, KeyError):
-        print(f"megallama train: rank {rank} failed before its first step: {type(exc).__name__}: {exc}",
-              file=sys.stderr, flush=True)
+        say(f"megallama train: rank {rank} failed before its first step: {type(exc).__name__}: {exc}")
         return
     heartbeat = Heartbeat(run_dir, rank)
     peers = heartbeat.peers()
     first = str(exc).splitlines()[0] if str(exc) else ""
-    print(f"megallama train: rank {rank} failed after step {last} (its last completed step): "
-          f"{type(exc).__name__}: {first}" + (f"; {peers}" if peers else ""), file=sys.stderr, flush=True)
+    say(f"megallama train: rank {rank} failed after step {last} (its last completed step): "
+        f"{type(exc).__name__}: {first}" + (f"; {peers}" if peers else ""))

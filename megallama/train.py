@@ -13,7 +13,6 @@ import logging
 import os
 import resource
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from megallama.checkpoint import (check_compatible, is_weights_only, latest_chec
 from megallama.data.instruct import split_instruct_batch
 from megallama.engine import WarmupCosine, build_optimizer, deepspeed_config
 from megallama.energy import EnergyMeter, write_summary as write_energy_summary
-from megallama.errors import ConfigError, UserError
+from megallama.errors import ConfigError, UserError, say
 from megallama.faults import EXIT_HALTED, StepMonitor, TrainingHalted, guard_nonfinite_steps, report_failure
 from megallama.finetune import add_finetune_arguments, check_init_from, finetune_config, init_weights_from
 from megallama.metrics import Progress, peak_flops_per_device
@@ -57,7 +56,7 @@ def run(args) -> int:
         together = exc.code == EXIT_PREEMPTED  # every rank agreed on the stop and saved
         return int(exc.code or 0)
     except TrainingHalted as exc:
-        print(f"megallama train: error: {exc}", file=sys.stderr)
+        say(f"megallama train: error: {exc}")
         return EXIT_HALTED
     except UserError:
         raise  # already one actionable line (exit 2)

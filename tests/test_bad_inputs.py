@@ -105,6 +105,27 @@ def test_exit_status_2_through_the_real_cli(tmp_path):
         + ", ".join(f.name for f in dataclasses.fields(TrainConfig))), r.stderr
 
 
+def test_the_error_line_is_one_write(tmp_path, monkeypatch):
+    """The ranks of a job share one stderr pipe; a line written in two pieces (``print`` writes the
+    newline apart) can be split by another rank's line, so each error line is a single ``write``."""
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+            return len(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    status = main(["train", "--preset", "tiny", "--set", f"train.run_dir={tmp_path / 'run'}",
+                   "--set", "train.stpes=5"])
+    errors = [w for w in writes if "error:" in w]
+    assert status == 2 and len(errors) == 1 and errors[0].startswith("megallama train: error: ") \
+        and errors[0].endswith("\n") and errors[0].count("\n") == 1, writes
+
+
 @pytest.mark.slow
 def test_bad_layout_under_torchrun_fails_on_every_rank_before_rendezvous(tmp_path):
     from megallama.distributed import free_port

@@ -26,7 +26,7 @@ from megallama.data.config import DataSource
 from megallama.data.gpt_dataset import BlendedDataset, GPTDataset
 from megallama.data.indexed import IndexedDataset
 from megallama.data.tokenizer import SETTINGS, Tokenizer
-from megallama.errors import ConfigError, DataError, UserError
+from megallama.errors import ConfigError, DataError, UserError, say
 
 DEFAULT_CORPUS_VERSION = 1
 SPLIT_SEED = 20230227  # fixed: the validation documents do not change with train.seed
@@ -88,7 +88,7 @@ def stdlib_files(limit_bytes: int) -> List[Path]:
 
 
 def _log(msg: str) -> None:
-    print(f"megallama data: {msg}", file=sys.stderr, flush=True)
+    say(f"megallama data: {msg}")
 
 
 def _build_default_corpus(out: Path, vocab_size: int, corpus_mb: float, sample_mb: float) -> None:
