@@ -1,9 +1,10 @@
 """Activation memory per transformer layer for none/selective/full checkpointing, measured.
 
-    python benchmarks/activation_memory.py [--preset demo] [--batch 8] [--seq 256]
+    python benchmarks/activation_memory.py [--preset demo] [--batch 8] [--seq 256] [--tp 2 [--sp]]
 
-For each mode a fresh process builds a stack of the preset's blocks (fp32, one
-process, tp=1), runs a forward with gradients enabled and measures what stays
+For each mode a fresh process builds a stack of the preset's blocks (fp32; one
+process, or ``--tp`` gloo ranks of one tensor-parallel group, ``--sp`` with sequence
+parallelism, reporting the largest rank), runs a forward with gradients enabled and measures what stays
 resident for backward: the growth of the process's resident memory between before
 and after the forward, divided by the number of layers.  glibc is told to serve
 every allocation above 64 KiB with mmap (``MALLOC_MMAP_THRESHOLD_``), so freed
@@ -11,8 +12,9 @@ temporaries go back to the kernel and the growth is exactly the retained tensors
 
 Next to it: the planner's LLaMA formula (``tools.planner.activation_bytes_per_layer``
 with ``flash_attention=True``, since PyTorch's CPU SDPA keeps only the log-sum-exp)
-and Korthikanti et al. 2022's GPT figures (34sbh + 5as²b for none, 34sbh for
-selective, 2sbh for full; 16-bit coefficients, doubled here for fp32).
+and Korthikanti et al. 2022's GPT figures (one rank: 34sbh + 5as²b for none, 34sbh for
+selective, 2sbh for full; under TP their per-rank forms, 10sbh of it replicated unless SP
+splits it; 16-bit coefficients, doubled here for fp32).
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(preset: str, batch: int, seq: int, mode: str) -> float:
-    """Bytes per layer kept for backward (run inside the child process)."""
+def _measure(rank: int, world: int, preset: str, batch: int, seq: int, mode: str, sp: bool) -> float:
+    """Bytes per layer kept for backward on this rank."""
     import torch
 
     from megallama.config import preset_config
@@ -47,11 +49,11 @@ def measure(preset: str, batch: int, seq: int, mode: str) -> float:
 
     cfg = preset_config(preset).model
     cfg.max_seq_len = max(cfg.max_seq_len, seq)
-    ctx = ParallelContext.single()
-    blocks = [TransformerBlock(i, cfg, ctx, checkpointing=mode) for i in range(cfg.n_layers)]
+    ctx = ParallelContext.single() if world == 1 else ParallelContext.from_distributed(tp=world)
+    blocks = [TransformerBlock(i, cfg, ctx, sequence_parallel=sp, checkpointing=mode) for i in range(cfg.n_layers)]
     for i, block in enumerate(blocks):
         init_parameters(block.named_parameters(prefix=f"layers.{i}"), cfg, 0, ctx)
-    x = torch.randn(seq, batch, cfg.dim, requires_grad=True)
+    x = torch.randn(seq // world if sp else seq, batch, cfg.dim, requires_grad=True)
     for block in blocks:  # warm up kernels, thread pools and lazily built tables outside the measurement
         block(x).sum().backward()
     x.grad = None
@@ -66,17 +68,28 @@ def measure(preset: str, batch: int, seq: int, mode: str) -> float:
     return (after - before) / cfg.n_layers
 
 
-def formulas(preset: str, batch: int, seq: int) -> dict:
+def measure(preset: str, batch: int, seq: int, mode: str, tp: int = 1, sp: bool = False) -> float:
+    """Bytes per layer kept for backward (run inside the child process; ``tp`` > 1 starts the ranks)."""
+    if tp == 1:
+        return _measure(0, 1, preset, batch, seq, mode, False)
+    from tests.distributed import run_ranks
+
+    return max(run_ranks(_measure, tp, preset, batch, seq, mode, sp, timeout=600))
+
+
+def formulas(preset: str, batch: int, seq: int, tp: int = 1, sp: bool = False) -> dict:
     from megallama.config import preset_config
     from tools.planner import Layout, activation_bytes_per_layer
 
     m = preset_config(preset).model
-    s, b, h, a = seq, batch, m.dim, m.n_heads
-    korthikanti16 = {"none": 34 * s * b * h + 5 * a * s * s * b, "selective": 34 * s * b * h, "full": 2 * s * b * h}
+    s, b, h, a, t = seq, batch, m.dim, m.n_heads, tp
+    sbh, split = s * b * h, (t if sp else 1)  # Korthikanti et al.: 10sbh replicated unless SP splits it
+    korthikanti16 = {"none": (10 * sbh) / split + (24 * sbh + 5 * a * s * s * b) / t,
+                     "selective": (10 * sbh) / split + 24 * sbh / t, "full": 2 * sbh / split}
     out = {}
     for mode in MODES:
-        lay = Layout(gpus=1, micro_batch=batch, seq_len=seq, global_batch=batch, checkpointing=mode,
-                     flash_attention=True, precision="fp32")
+        lay = Layout(gpus=t, tp=t, micro_batch=batch, seq_len=seq, global_batch=batch, checkpointing=mode,
+                     sequence_parallel=sp, flash_attention=True, precision="fp32")
         out[mode] = (activation_bytes_per_layer(m, lay), 2 * korthikanti16[mode])
     return out
 
@@ -86,23 +99,29 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="demo")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (gloo, this machine)")
+    ap.add_argument("--sp", action="store_true", help="sequence parallelism (with --tp > 1)")
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.sp and args.tp == 1:
+        ap.error("--sp needs --tp > 1")
     if args.child:
-        print(json.dumps(measure(args.preset, args.batch, args.seq, args.child)))
+        print(json.dumps(measure(args.preset, args.batch, args.seq, args.child, args.tp, args.sp)))
         return 0
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
-    refs = formulas(args.preset, args.batch, args.seq)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    refs = formulas(args.preset, args.batch, args.seq, args.tp, args.sp)
     rows = []
     for mode in MODES:
         out = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch),
-                              "--seq", str(args.seq), "--child", mode],
-                             env=env, capture_output=True, text=True, check=True)
+                              "--seq", str(args.seq), "--tp", str(args.tp), "--child", mode]
+                             + (["--sp"] if args.sp else []), env=env, capture_output=True, text=True, check=True)
         measured = json.loads(out.stdout.strip().splitlines()[-1])
         planner, korthikanti = refs[mode]
         rows.append([mode, f"{measured / 2**20:.2f}", f"{planner / 2**20:.2f}", f"{measured / planner:.2f}",
                      f"{korthikanti / 2**20:.2f}"])
-    print(f"{args.preset}: s={args.seq} b={args.batch} fp32, MiB per layer | load {loadavg()}")
+    layout = f"tp={args.tp}{' sp' if args.sp else ''}, largest rank" if args.tp > 1 else "one process"
+    print(f"{args.preset}: s={args.seq} b={args.batch} fp32, {layout}, MiB per layer | load {loadavg()}")
     print_table(["checkpointing", "measured", "planner (LLaMA)", "measured/planner", "Korthikanti GPT (x2 fp32)"],
                 rows)
     return 0

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from megallama.config import ModelConfig
-from parallel.comm import gather_from_tp
+from parallel.comm import SAVE_IN_RECOMPUTE, gather_from_tp
 from parallel.init import init_normal_
 from parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, replicated_weight
 from parallel.topology import ParallelContext
@@ -337,13 +337,14 @@ class _SwiGLUFunction(torch.autograd.Function):
 class FeedForward(nn.Module):
     """SwiGLU (Shazeer 2020): w2(silu(w1 x) * w3 x), with w1 and w3 fused as ``w13``."""
 
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, sequence_parallel: bool, device=None, dtype=None):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, sequence_parallel: bool, device=None, dtype=None,
+                 fuse_output_collective: bool = True):
         super().__init__()
         hidden = cfg.ffn_hidden
         self.w13 = ColumnParallelLinear(cfg.dim, 2 * hidden, ctx, chunks=(hidden, hidden),
                                         sequence_parallel=sequence_parallel, device=device, dtype=dtype)
         self.w2 = RowParallelLinear(hidden, cfg.dim, ctx, sequence_parallel=sequence_parallel,
-                                    device=device, dtype=dtype)
+                                    fuse_collective=fuse_output_collective, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(_SwiGLUFunction.apply(self.w13(x)))
@@ -354,11 +355,15 @@ class FeedForward(nn.Module):
 def _save_matmuls_policy(ctx, op, *args, **kwargs):
     """Selective recompute (the paper's section 2.4): keep the expensive activations (outputs
     of linear layers and of attention), recompute the cheap element-wise ones."""
-    expensive = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-                 torch.ops.aten._scaled_dot_product_flash_attention.default,
-                 torch.ops.aten._scaled_dot_product_efficient_attention.default,
-                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
-    return CheckpointPolicy.MUST_SAVE if op in expensive else CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if op in _EXPENSIVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# the tensor-parallel linears are single ops (their collectives inside): keeping their outputs
+# re-runs no collective when a block is recomputed
+_EXPENSIVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+              torch.ops.aten._scaled_dot_product_flash_attention.default,
+              torch.ops.aten._scaled_dot_product_efficient_attention.default,
+              torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default} | SAVE_IN_RECOMPUTE
 
 
 class TransformerBlock(nn.Module):
@@ -370,7 +375,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, ctx, sequence_parallel, device, dtype)
         self.attention = Attention(cfg, ctx, sequence_parallel, layer_id, device, dtype)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, ctx, sequence_parallel, device, dtype)
-        self.feed_forward = FeedForward(cfg, ctx, sequence_parallel, device, dtype)
+        # a full recomputation needs nothing after w2's input: unfused, it stops before w2's collective
+        self.feed_forward = FeedForward(cfg, ctx, sequence_parallel, device, dtype,
+                                        fuse_output_collective=checkpointing != "full")
 
     def _forward(self, x: torch.Tensor, start_pos: int = 0, kv_cache: Optional[KVCache] = None,
                  doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:

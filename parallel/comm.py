@@ -14,8 +14,10 @@ Sequence-parallel (SP) regions, along dimension 0 (activations are sequence-firs
     gather_from_sp              forward: all-gather       backward: reduce-scatter
     reduce_scatter_to_sp        forward: reduce-scatter   backward: all-gather
 
-``linear_with_grad_comm`` is the column-parallel matmul whose backward overlaps the
-input-gradient all-reduce (reduce-scatter under SP) with the weight-gradient matmul.
+``column_parallel_linear`` and ``row_parallel_linear`` are the two parallel matmuls with their
+communication fused in, each a single custom op (so selective checkpointing keeps their outputs
+and re-runs neither matmul nor collective); the column one's backward overlaps the input-gradient
+all-reduce (reduce-scatter under SP) with the weight-gradient matmul.
 
 A ``group`` of ``None`` means a TP size of 1: every function is then the identity.
 """
@@ -216,54 +218,132 @@ def reduce_scatter_to_sp(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x if group_size(group) == 1 else _ReduceScatterToSP.apply(x, group)
 
 
-# ----------------------------------------------------------------------------- overlapped linear
+# ----------------------------------------------------------------------------- the parallel linears as single ops
+#
+# Selective activation checkpointing (``torch.utils.checkpoint`` with a policy) decides per op,
+# below autograd, which outputs to keep.  Were the collectives separate ops, a policy that keeps
+# the matmuls' outputs would re-run the forward collectives when it recomputes a block (they are
+# cheap to compute, not to send), and keep the row-parallel matmul's full-size partial sums.  So
+# each parallel linear -- its matmul and the collective that feeds or follows it -- is ONE custom
+# op: a policy that keeps ``SAVE_IN_RECOMPUTE`` recomputes neither the matmul nor the collective.
 
-class _LinearWithGradComm(torch.autograd.Function):
-    """``y = x @ W^T`` for a column-parallel weight, communication fused in.
+SAVE_IN_RECOMPUTE = set()  # filled below: the ops whose outputs a selective policy should keep
 
-    Forward: under SP, all-gather the sequence-sharded input first.
-    Backward: the input gradient ``dY @ W`` is all-reduced (reduce-scattered under
-    SP) *asynchronously* while the weight gradient ``dY^T @ X`` is computed.
-    Under SP the full input is not kept: it is re-gathered in backward, overlapped
-    with the input-gradient matmul (Korthikanti et al. 2022's memory accounting).
-    """
+_GROUPS: dict = {}  # custom ops take strings, not process groups: group_name -> group
 
-    @staticmethod
-    def forward(ctx, x, weight, group, sequence_parallel):
-        ctx.group, ctx.sp = group, sequence_parallel
-        ctx.save_for_backward(x, weight)
-        total = all_gather_dim0(x, group) if sequence_parallel else x
-        return torch.matmul(total, weight.t())
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        group, sp = ctx.group, ctx.sp
-        gather = None
+def _group_name(group: dist.ProcessGroup) -> str:
+    _GROUPS.setdefault(group.group_name, group)
+    return group.group_name
+
+
+def _matmul_weight_grad(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return grad_out.reshape(-1, grad_out.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
+
+
+@torch.library.custom_op("parallel::column_linear", mutates_args=())
+def _column_linear(x: torch.Tensor, weight: torch.Tensor, group_name: str, sequence_parallel: bool) -> torch.Tensor:
+    """``y = x @ W^T`` for a column-parallel weight; under SP the sequence-sharded input is
+    all-gathered first."""
+    total = all_gather_dim0(x, _GROUPS[group_name]) if sequence_parallel else x
+    return torch.matmul(total, weight.t())
+
+
+@_column_linear.register_fake
+def _(x, weight, group_name, sequence_parallel):
+    s = x.shape[0] * (group_size(_GROUPS[group_name]) if sequence_parallel else 1)
+    return x.new_empty((s,) + tuple(x.shape[1:-1]) + (weight.shape[0],))
+
+
+def _column_linear_setup(ctx, inputs, output):
+    x, weight, group_name, sequence_parallel = inputs
+    ctx.group, ctx.sp = _GROUPS[group_name], sequence_parallel
+    ctx.save_for_backward(x, weight)
+
+
+def _column_linear_backward(ctx, grad_out):
+    """The input gradient ``dY @ W`` is all-reduced (reduce-scattered under SP) *asynchronously*
+    while the weight gradient ``dY^T @ X`` is computed.  Under SP the full input is not kept:
+    it is re-gathered here, overlapped with the input-gradient matmul (Korthikanti et al. 2022's
+    memory accounting)."""
+    x, weight = ctx.saved_tensors
+    group, sp = ctx.group, ctx.sp
+    gather = None
+    if sp:
+        total, gather = all_gather_dim0(x, group, async_op=True)
+    else:
+        total = x
+    grad_input = torch.matmul(grad_out, weight) if ctx.needs_input_grad[0] else None
+    if gather is not None:
+        gather.wait()
+    comm = None
+    if grad_input is not None:
         if sp:
-            total, gather = all_gather_dim0(x, group, async_op=True)
+            grad_input, comm = reduce_scatter_dim0(grad_input, group, async_op=True)
         else:
-            total = x
-        grad_input = torch.matmul(grad_out, weight) if ctx.needs_input_grad[0] else None
-        if gather is not None:
-            gather.wait()
-        comm = None
-        if grad_input is not None:
-            if sp:
-                grad_input, comm = reduce_scatter_dim0(grad_input, group, async_op=True)
-            else:
-                comm = all_reduce(grad_input, group, async_op=True)
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            go = grad_out.reshape(-1, grad_out.shape[-1])
-            grad_weight = go.t().matmul(total.reshape(-1, total.shape[-1]))
-        if comm is not None:
-            comm.wait()
-        return grad_input, grad_weight, None, None
+            comm = all_reduce(grad_input, group, async_op=True)
+    grad_weight = _matmul_weight_grad(grad_out, total) if ctx.needs_input_grad[1] else None
+    if comm is not None:
+        comm.wait()
+    return grad_input, grad_weight, None, None
 
 
-def linear_with_grad_comm(x: torch.Tensor, weight: torch.Tensor, group: Group,
-                          sequence_parallel: bool = False) -> torch.Tensor:
+_column_linear.register_autograd(_column_linear_backward, setup_context=_column_linear_setup)
+
+
+@torch.library.custom_op("parallel::row_linear", mutates_args=())
+def _row_linear(x: torch.Tensor, weight: torch.Tensor, group_name: str, sequence_parallel: bool) -> torch.Tensor:
+    """``y = x @ W^T`` for a row-parallel weight (``x`` split along its last dimension): the
+    partial products are all-reduced, or reduce-scattered along the sequence under SP."""
+    partial = torch.nn.functional.linear(x, weight)
+    group = _GROUPS[group_name]
+    return reduce_scatter_dim0(partial, group) if sequence_parallel else all_reduce(partial, group)
+
+
+@_row_linear.register_fake
+def _(x, weight, group_name, sequence_parallel):
+    n = group_size(_GROUPS[group_name]) if sequence_parallel else 1
+    if x.shape[0] % n:
+        raise ValueError(f"dimension 0 ({x.shape[0]}) is not divisible by the group size {n}")
+    return x.new_empty((x.shape[0] // n,) + tuple(x.shape[1:-1]) + (weight.shape[0],))
+
+
+def _row_linear_setup(ctx, inputs, output):
+    x, weight, group_name, sequence_parallel = inputs
+    ctx.group, ctx.sp = _GROUPS[group_name], sequence_parallel
+    ctx.save_for_backward(x, weight)
+
+
+def _row_linear_backward(ctx, grad_out):
+    """Under SP the output gradient (this rank's part of the sequence) is all-gathered first;
+    the all-reduce's backward is the identity."""
+    x, weight = ctx.saved_tensors
+    if ctx.sp:
+        grad_out = all_gather_dim0(grad_out, ctx.group)
+    grad_input = torch.matmul(grad_out, weight) if ctx.needs_input_grad[0] else None
+    grad_weight = _matmul_weight_grad(grad_out, x) if ctx.needs_input_grad[1] else None
+    return grad_input, grad_weight, None, None
+
+
+_row_linear.register_autograd(_row_linear_backward, setup_context=_row_linear_setup)
+
+SAVE_IN_RECOMPUTE.update({torch.ops.parallel.column_linear.default, torch.ops.parallel.row_linear.default})
+
+
+def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, group: Group,
+                           sequence_parallel: bool = False) -> torch.Tensor:
+    """``x @ W^T`` of a column-parallel weight, its communication fused in: under SP the input
+    is all-gathered; backward overlaps the input-gradient all-reduce (reduce-scatter) with the
+    weight-gradient matmul."""
     if group_size(group) == 1:
         return torch.nn.functional.linear(x, weight)
-    return _LinearWithGradComm.apply(x, weight, group, sequence_parallel)
+    return _column_linear(x, weight, _group_name(group), sequence_parallel)
+
+
+def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, group: Group,
+                        sequence_parallel: bool = False) -> torch.Tensor:
+    """``x @ W^T`` of a row-parallel weight, the partial sums all-reduced (reduce-scattered
+    along the sequence under SP)."""
+    if group_size(group) == 1:
+        return torch.nn.functional.linear(x, weight)
+    return _row_linear(x, weight, _group_name(group), sequence_parallel)

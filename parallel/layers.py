@@ -70,7 +70,7 @@ class ColumnParallelLinear(nn.Module):
             tw = None if token_weight is None else token_weight.reshape(-1)
             return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, target.reshape(-1), tw,
                                         self.group, vocab_size)
-        y = comm.linear_with_grad_comm(x, self.weight, self.group, self.sequence_parallel)
+        y = comm.column_parallel_linear(x, self.weight, self.group, self.sequence_parallel)
         return comm.gather_from_tp(y, self.group) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -82,12 +82,16 @@ class RowParallelLinear(nn.Module):
     """``Y = X W^T`` with ``W`` split along its input columns; the input is already split.
 
     The partial products are summed with an all-reduce, or reduce-scattered along the
-    sequence under sequence parallelism.
+    sequence under sequence parallelism.  ``fuse_collective`` makes matmul and collective one
+    op (:func:`parallel.comm.row_parallel_linear`), whose reduced output a selective
+    checkpointing policy keeps; unfused, the matmul's input is saved *before* the collective
+    runs, so a full recomputation of a block that ends in this layer stops short of it.
     """
 
     def __init__(self, in_features: int, out_features: int, ctx: ParallelContext, *,
-                 sequence_parallel: bool = False, device=None, dtype=None):
+                 sequence_parallel: bool = False, fuse_collective: bool = True, device=None, dtype=None):
         super().__init__()
+        self.fuse_collective = fuse_collective
         self.group = ctx.tp_group
         self.tp = ctx.tp_size
         self.in_features, self.out_features = in_features, out_features
@@ -97,10 +101,10 @@ class RowParallelLinear(nn.Module):
         mark_sharded(self.weight, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fuse_collective:
+            return comm.row_parallel_linear(x, self.weight, self.group, self.sequence_parallel)
         y = F.linear(x, self.weight)
-        if self.sequence_parallel:
-            return comm.reduce_scatter_to_sp(y, self.group)
-        return comm.reduce_from_tp(y, self.group)
+        return comm.reduce_scatter_to_sp(y, self.group) if self.sequence_parallel else comm.reduce_from_tp(y, self.group)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, tp={self.tp}, "

@@ -29,10 +29,13 @@ def _count_case(rank, world, sp, checkpointing="none"):
     return {"fwd": fwd.summary(), "bwd": bwd.summary(), "h": cfg.dim, "async": overlapped}
 
 
+@pytest.mark.parametrize("checkpointing", ["none", "selective"])
 @pytest.mark.parametrize("sp", [False, True])
-def test_collectives_per_layer(sp):
+def test_collectives_per_layer(sp, checkpointing):
+    """Selective recompute keeps the parallel linears' outputs (collectives inside), so it
+    communicates exactly what no recompute does."""
     world = 2
-    res = run_ranks(_count_case, world, sp, timeout=120)[0]
+    res = run_ranks(_count_case, world, sp, checkpointing, timeout=120)[0]
     sbh, h = S * B * res["h"], res["h"]
     if not sp:
         # Megatron: forward g (all-reduce after attention and MLP), backward f (input-grad all-reduce

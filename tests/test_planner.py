@@ -79,13 +79,21 @@ def test_activation_formulas_llama_block():
     lay = replace(PAPER_65B, micro_batch=b)
     sbh = s * b * h
     lse = 4 * a * s * b
-    assert activation_bytes_per_layer(m, lay) == pytest.approx((16 * sbh + 6 * s * b * f + lse) / t)
+    assert lay.checkpointing == "selective"
+    assert activation_bytes_per_layer(m, lay) == pytest.approx((14 * sbh + 4 * s * b * f + lse) / t)
     no_sp = replace(lay, sequence_parallel=False)
+    assert activation_bytes_per_layer(m, no_sp) == pytest.approx(6 * sbh + (8 * sbh + 4 * s * b * f + lse) / t)
+    kept = replace(lay, checkpointing="none")
+    assert activation_bytes_per_layer(m, kept) == pytest.approx((16 * sbh + 6 * s * b * f + lse) / t)
+    no_sp = replace(kept, sequence_parallel=False)
     assert activation_bytes_per_layer(m, no_sp) == pytest.approx(8 * sbh + (8 * sbh + 6 * s * b * f + lse) / t)
     eager = replace(lay, flash_attention=False, checkpointing="none")
     assert activation_bytes_per_layer(m, eager) == pytest.approx((16 * sbh + 6 * s * b * f + 2 * a * s * s * b) / t)
-    selective = replace(eager, checkpointing="selective")  # recomputing attention drops the s^2 term
-    assert activation_bytes_per_layer(m, selective) == pytest.approx((16 * sbh + 6 * s * b * f) / t)
+    # selective keeps the block input, the 4 linears' and the attention's outputs (no s^2 term)
+    selective = replace(eager, checkpointing="selective")
+    assert activation_bytes_per_layer(m, selective) == pytest.approx((14 * sbh + 4 * s * b * f) / t)
+    assert activation_bytes_per_layer(m, replace(selective, sequence_parallel=False)) == pytest.approx(
+        6 * sbh + (8 * sbh + 4 * s * b * f) / t)
     assert activation_bytes_per_layer(m, replace(lay, checkpointing="full")) == pytest.approx(2 * sbh / t)
 
 

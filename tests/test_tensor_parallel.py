@@ -25,7 +25,7 @@ def _expected_shard(ref: torch.Tensor, p: torch.Tensor, rank: int, world: int) -
     return shard(_pad_to(ref, dim, full_shape(p, world)[dim]), dim, rank, world, p.partition_chunks)
 
 
-def _tp_case(rank, world, sequence_parallel, vocab, n_kv_heads):
+def _tp_case(rank, world, sequence_parallel, vocab, n_kv_heads, checkpointing="none"):
     from megallama.config import preset_config
     from megallama.model import build_model
     from parallel.topology import ParallelContext
@@ -33,7 +33,7 @@ def _tp_case(rank, world, sequence_parallel, vocab, n_kv_heads):
     cfg = replace(preset_config("tiny").model, vocab_size=vocab, n_kv_heads=n_kv_heads)
     ref = build_model(cfg, seed=3)  # TP=1 reference, identical on every rank
     ctx = ParallelContext.from_distributed(tp=world)
-    model = build_model(cfg, ctx, seed=3, sequence_parallel=sequence_parallel)
+    model = build_model(cfg, ctx, seed=3, sequence_parallel=sequence_parallel, checkpointing=checkpointing)
 
     tokens = torch.randint(0, vocab, (3, 17), generator=torch.Generator().manual_seed(5))
     inp, tgt = tokens[:, :-1], tokens[:, 1:]
@@ -56,16 +56,20 @@ def _tp_case(rank, world, sequence_parallel, vocab, n_kv_heads):
                 worst=worst, n_params=len(ref_params))
 
 
-@pytest.mark.parametrize("world,sp,vocab,kv", [
-    (1, False, 512, None),
-    (2, False, 512, None),
-    (2, True, 500, None),   # vocabulary padding: 500 -> 512 rows
-    (2, True, 512, 2),      # grouped-query attention
-    pytest.param(4, False, 512, None, marks=pytest.mark.slow),
-    pytest.param(4, True, 500, None, marks=pytest.mark.slow),
+@pytest.mark.parametrize("world,sp,vocab,kv,checkpointing", [
+    (1, False, 512, None, "none"),
+    (2, False, 512, None, "none"),
+    (2, True, 500, None, "none"),   # vocabulary padding: 500 -> 512 rows
+    (2, True, 512, 2, "none"),      # grouped-query attention
+    # recomputation replays the parallel linears' kept outputs (selective) or re-runs them (full)
+    (2, False, 512, None, "selective"),
+    (2, True, 512, None, "selective"),
+    (2, True, 512, None, "full"),
+    pytest.param(4, False, 512, None, "none", marks=pytest.mark.slow),
+    pytest.param(4, True, 500, None, "none", marks=pytest.mark.slow),
 ])
-def test_tp_matches_single_process(world, sp, vocab, kv):
-    for rank, r in enumerate(run_ranks(_tp_case, world, sp, vocab, kv, timeout=120)):
+def test_tp_matches_single_process(world, sp, vocab, kv, checkpointing):
+    for rank, r in enumerate(run_ranks(_tp_case, world, sp, vocab, kv, checkpointing, timeout=120)):
         assert r["init"] == 0.0, f"rank {rank}: TP shards are not slices of the TP=1 init"
         assert r["logits"] < 1e-5, r
         assert r["loss"] < 1e-5, r

@@ -154,6 +154,13 @@ def activation_bytes_per_layer(m: ModelConfig, lay: Layout) -> float:
     attention output (4 + 4r)sbh, the FFN gate, up and product 6sbf, and either the
     softmax probabilities 2as^2b (eager attention, no selective recompute) or the
     log-sum-exp 4asb (memory-efficient attention).
+
+    Selective recomputation keeps what megallama's policy keeps
+    (``megallama/model.py: _save_matmuls_policy``): the block input 2sbh and the two
+    row-parallel projections' reduced outputs 4sbh (replicated unless SP splits them), the
+    QKV output 2(1 + 2r)sbh, the attention output 2sbh (and its log-sum-exp), and the w13
+    output 4sbf; norms, rotary and the SwiGLU product are recomputed.  Full recomputation
+    keeps the block input.
     """
     s, b, h, a, t = lay.seq_len, lay.micro_batch, m.dim, m.n_heads, lay.tp
     sbh = s * b * h
@@ -161,8 +168,12 @@ def activation_bytes_per_layer(m: ModelConfig, lay: Layout) -> float:
     if lay.checkpointing == "full":
         return scale * 2 * sbh / (t if lay.sp else 1)  # only the block input
     r = m.kv_heads / m.n_heads
-    replicated = 8 * sbh
-    split = (4 + 4 * r) * sbh + 6 * s * b * m.ffn_hidden
+    if lay.checkpointing == "selective":
+        replicated = 6 * sbh
+        split = (4 + 4 * r) * sbh + 4 * s * b * m.ffn_hidden
+    else:
+        replicated = 8 * sbh
+        split = (4 + 4 * r) * sbh + 6 * s * b * m.ffn_hidden
     if lay.flash_attention:
         split += 4 * a * s * b
     elif lay.checkpointing == "none":
@@ -201,12 +212,13 @@ def tp_collectives_per_layer(lay: Layout) -> int:
     """Tensor-parallel collectives of one block per micro-batch, in all-gathers/reduce-scatters of
     the s·b·h activation (an all-reduce counts 2), as ``tests/test_comm_count.py`` counts them:
     forward 2 all-reduces (SP: 2 all-gathers + 2 reduce-scatters), backward the same; SP also
-    re-gathers the 2 column-parallel inputs in backward (its activation saving); recomputation
-    (selective or full) re-runs the forward up to the FFN's matmuls, collectives included: the
-    attention's all-reduce (SP: the attention input's all-gather, its reduce-scatter and the FFN
-    input's all-gather)."""
+    re-gathers the 2 column-parallel inputs in backward (its activation saving).  Selective
+    recomputation keeps the parallel linears' outputs, so it re-runs no collective; full
+    recomputation re-runs the forward up to the FFN's matmuls, collectives included: the
+    attention's all-reduce (SP: the attention input's all-gather, its reduce-scatter and the
+    FFN input's all-gather)."""
     units = 8 + (2 if lay.sp else 0)
-    if lay.checkpointing in ("selective", "full"):
+    if lay.checkpointing == "full":
         units += 3 if lay.sp else 2
     return units
 
@@ -369,7 +381,7 @@ def _candidates(m: ModelConfig, gpus: int, gpu: GpuSpec, base: Layout) -> Iterat
                 for mb in (1, 2, 4, 8):
                     for ckpt in CHECKPOINTING:
                         if ckpt == "none" and base.flash_attention:
-                            continue  # identical to selective: nothing s^2 to drop
+                            continue  # selective: the same time here, fewer bytes kept
                         yield replace(base, tp=tp, pp=pp, zero_stage=zero, micro_batch=mb, checkpointing=ckpt,
                                       sequence_parallel=tp > 1)
 
