@@ -42,6 +42,30 @@ def matmul_peak(n: int = 8192, repeats: int = 10) -> float:
     return 2 * n**3 / min(times[2:])
 
 
+def check_kernels() -> str:
+    """The fused RMSNorm this GPU runs (apex's or torch's, ``megallama/kernels.py``) against the
+    eager node, forward and backward, fp32 and bf16; raises if they disagree.  Returns its name."""
+    from megallama.kernels import fused_rms_norm, rms_kernel
+    from megallama.model import _RMSNormFunction
+
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        x = torch.randn(512, 2, 1024, device="cuda", dtype=dtype, requires_grad=True)
+        w = (1 + 0.1 * torch.randn(1024, device="cuda", dtype=dtype)).requires_grad_()
+        g = torch.randn_like(x)
+        results = []
+        for fn in (lambda: fused_rms_norm(x, w, 1e-5), lambda: _RMSNormFunction.apply(x, w, 1e-5)):
+            x.grad = w.grad = None
+            y = fn()
+            y.backward(g)
+            results.append((y.float(), x.grad.float(), w.grad.float()))
+        for name, a, b in zip(("output", "input grad", "weight grad"), *results):
+            err = ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+            if not err <= tol:
+                raise AssertionError(f"fused RMSNorm ({rms_kernel(x, w)}) {name} differs from the eager node by "
+                                     f"{err:.2e} (relative) in {dtype}")
+    return rms_kernel(x, w)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="llama-1b")
@@ -57,6 +81,7 @@ def main(argv=None) -> int:
     from megallama.hardware import detect_gpu_spec
 
     torch.backends.cuda.matmul.allow_tf32 = True
+    rms = check_kernels()
     cfg = preset_config(args.preset)
     cfg.model.max_seq_len = max(cfg.model.max_seq_len, args.seq)
     model = build_model(cfg.model, checkpointing=args.checkpointing).cuda().train()
@@ -92,7 +117,8 @@ def main(argv=None) -> int:
     table_peak = spec.peak_flops("bf16") if spec is not None else float("nan")
     measured = matmul_peak()
     print(f"{torch.cuda.get_device_name()} | {args.preset} ({cfg.model.num_parameters() / 1e9:.2f}B) | "
-          f"batch {args.batch}x{args.seq} bf16 | checkpointing {args.checkpointing} | compile {args.compile}")
+          f"batch {args.batch}x{args.seq} bf16 | checkpointing {args.checkpointing} | compile {args.compile} | "
+          f"RMSNorm kernel {rms} (checked against the eager node)")
     print_table(["tokens/s", "model TFLOP/s", "MFU (datasheet peak)", "MFU (measured matmul peak)",
                  "peak memory GiB"],
                 [[f"{tps:,.0f}", f"{achieved / 1e12:.1f}", f"{100 * achieved / table_peak:.1f}%",

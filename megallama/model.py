@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from megallama.config import ModelConfig
+from megallama.kernels import fused_rms_norm
 from parallel.comm import SAVE_IN_RECOMPUTE, gather_from_tp
 from parallel.init import init_normal_
 from parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, replicated_weight
@@ -79,7 +80,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = replicated_weight(self.weight, self.ctx, self.sequence_parallel)
-        return _RMSNormFunction.apply(x, weight, self.eps)
+        fused = fused_rms_norm(x, weight, self.eps)  # CUDA: apex's kernel or torch's (megallama/kernels.py)
+        return _RMSNormFunction.apply(x, weight, self.eps) if fused is None else fused
 
 
 # ----------------------------------------------------------------------------- rotary

@@ -31,6 +31,7 @@ from megallama.energy import EnergyMeter, write_summary as write_energy_summary
 from megallama.errors import ConfigError, UserError, say
 from megallama.faults import EXIT_HALTED, StepMonitor, TrainingHalted, guard_nonfinite_steps, report_failure
 from megallama.finetune import add_finetune_arguments, check_init_from, finetune_config, init_weights_from
+from megallama.kernels import describe as describe_kernels
 from megallama.metrics import Progress, peak_flops_per_device
 from megallama.preflight import check_inputs
 from megallama.model import PipelineLoss, Transformer, canonical_name, init_parameters, pipeline_layers
@@ -261,6 +262,8 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
     gas = gradient_accumulation_steps(cfg, ctx.world_size)
     pipelined = p.pp > 1
     dev = device()
+    if rank0 and describe_kernels(dev):
+        print(describe_kernels(dev), flush=True)
 
     def stream(dataset, consumed: int = 0) -> Timed:
         return Timed(micro_batches(dataset, consumed, t.global_batch_size, t.micro_batch_size,

@@ -1,0 +1,79 @@
+"""Fused GPU kernels for element-wise layers: NVIDIA apex's where it is importable, else torch's.
+
+Only CUDA tensors take these paths; on CPU the callers keep their own eager forms (measured
+faster there: torch's CPU ``_fused_rms_norm`` forward takes 3.6 ms where the eager form takes
+0.17 ms at ``[512, 4, 768]``, and it has no CPU backward).
+
+NVIDIA apex is used only if it is already importable *with its CUDA extensions* (it is built
+from source on GPU machines).  The PyPI package named ``apex`` is a different project: it has
+no ``apex.normalization`` and is never used (never ``pip install apex``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Callable, Optional
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def apex_rms_norm() -> Optional[Callable]:
+    """apex's ``fused_rms_norm_affine(input, weight, normalized_shape, eps)``, or None when NVIDIA
+    apex or its compiled ``fused_layer_norm_cuda`` extension is not importable."""
+    try:
+        fn = importlib.import_module("apex.normalization.fused_layer_norm").fused_rms_norm_affine
+        importlib.import_module("fused_layer_norm_cuda")
+    except Exception:  # noqa: BLE001 - absent, another project's `apex`, or built without --cuda_ext
+        return None
+    return fn
+
+
+class _TorchFusedRMSNorm(torch.autograd.Function):
+    """torch's fused RMSNorm kernels (``aten::_fused_rms_norm`` and its backward, CUDA): one
+    kernel each way, keeping the input and the per-token rstd, as the eager node does."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        out, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
+        ctx.save_for_backward(x, rstd, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, rstd, weight = ctx.saved_tensors
+        grad_x, grad_w = torch.ops.aten._fused_rms_norm_backward(
+            grad.contiguous(), x, [x.shape[-1]], rstd, weight, [ctx.needs_input_grad[0], ctx.needs_input_grad[1]])
+        return grad_x, grad_w, None
+
+
+def _on_gpu(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
+def rms_kernel(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """Which kernel :func:`fused_rms_norm` runs for these tensors: ``apex``, ``torch`` or ``eager``
+    (not a CUDA tensor, or the weight's dtype differs from the input's: the caller's own form)."""
+    if not _on_gpu(x) or weight.dtype != x.dtype:
+        return "eager"
+    return "apex" if apex_rms_norm() is not None else "torch"
+
+
+def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torch.Tensor]:
+    """``x / rms(x) * weight`` over the last dimension by a fused kernel, or None where
+    :func:`rms_kernel` says ``eager`` (the caller computes it)."""
+    kind = rms_kernel(x, weight)
+    if kind == "apex":
+        return apex_rms_norm()(x.contiguous(), weight, (x.shape[-1],), eps)
+    if kind == "torch":
+        return _TorchFusedRMSNorm.apply(x.contiguous(), weight, eps)
+    return None
+
+
+def describe(device: torch.device) -> Optional[str]:
+    """One line naming the fused kernels a run on ``device`` uses (None on CPU: the eager forms)."""
+    if torch.device(device).type != "cuda":
+        return None
+    rms = "NVIDIA apex fused_rms_norm_affine" if apex_rms_norm() is not None else "torch _fused_rms_norm"
+    return f"fused kernels: RMSNorm {rms}; AdamW torch fused=True"

@@ -1,0 +1,103 @@
+"""Which RMSNorm kernel runs where (megallama/kernels.py): NVIDIA apex's on CUDA tensors when it
+is importable with its CUDA extension, torch's fused one on CUDA otherwise, the eager node on CPU.
+
+This machine has no GPU and no NVIDIA apex, so apex is stood in for by a module with its
+signature, and "on a GPU" by patching the device check; what runs is the real dispatch and,
+for torch's kernels, the real forward on CPU and the real backward's shapes on the meta device.
+"""
+
+import sys
+import types
+
+import pytest
+import torch
+
+from megallama import kernels
+from megallama.model import RMSNorm, _RMSNormFunction
+from parallel.topology import ParallelContext
+
+
+@pytest.fixture
+def fresh_apex(monkeypatch):
+    """No cached apex lookup before or after; returns a function installing fake modules."""
+    kernels.apex_rms_norm.cache_clear()
+
+    def install(**modules):
+        for name, module in modules.items():
+            monkeypatch.setitem(sys.modules, name, module)
+
+    yield install
+    kernels.apex_rms_norm.cache_clear()
+
+
+def _nvidia_apex(calls):
+    def fused_rms_norm_affine(input, weight, normalized_shape, eps=1e-6):
+        calls.append((tuple(input.shape), tuple(normalized_shape), eps))
+        return torch.nn.functional.rms_norm(input, normalized_shape, weight, eps)
+
+    fused = types.ModuleType("apex.normalization.fused_layer_norm")
+    fused.fused_rms_norm_affine = fused_rms_norm_affine
+    return dict(apex=types.ModuleType("apex"), **{"apex.normalization": types.ModuleType("apex.normalization"),
+                                                  "apex.normalization.fused_layer_norm": fused,
+                                                  "fused_layer_norm_cuda": types.ModuleType("fused_layer_norm_cuda")})
+
+
+def test_cpu_tensors_keep_the_eager_node(fresh_apex):
+    fresh_apex(**_nvidia_apex([]))
+    x, w = torch.randn(4, 2, 8), torch.randn(8)
+    assert kernels.apex_rms_norm() is not None
+    assert kernels.rms_kernel(x, w) == "eager" and kernels.fused_rms_norm(x, w, 1e-5) is None
+
+
+def test_the_pypi_package_called_apex_is_not_used(fresh_apex, monkeypatch):
+    fresh_apex(apex=types.ModuleType("apex"))  # importable, but no apex.normalization
+    monkeypatch.setattr(kernels, "_on_gpu", lambda x: True)
+    assert kernels.apex_rms_norm() is None
+    assert kernels.rms_kernel(torch.randn(2, 8), torch.randn(8)) == "torch"
+
+
+def test_apex_without_its_cuda_extension_is_not_used(fresh_apex):
+    modules = _nvidia_apex([])
+    del modules["fused_layer_norm_cuda"]
+    fresh_apex(**modules)
+    sys.modules.pop("fused_layer_norm_cuda", None)
+    assert kernels.apex_rms_norm() is None
+
+
+def test_rmsnorm_calls_apex_on_a_gpu(fresh_apex, monkeypatch):
+    calls = []
+    fresh_apex(**_nvidia_apex(calls))
+    monkeypatch.setattr(kernels, "_on_gpu", lambda x: True)
+    norm = RMSNorm(8, 1e-5, ParallelContext.single())
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(4, 2, 8)
+    assert torch.allclose(norm(x), _RMSNormFunction.apply(x, norm.weight, 1e-5), atol=1e-6)
+    assert calls == [((4, 2, 8), (8,), 1e-5)]
+    assert kernels.rms_kernel(x.bfloat16(), norm.weight) == "eager"  # mixed dtypes: the eager node
+
+
+def test_torch_fused_kernels_match_the_eager_node(monkeypatch):
+    """torch's fused forward (it has a CPU kernel) equals the eager node; its backward (CUDA and
+    meta only) is wired with the right arguments: gradients of the input's and weight's shapes."""
+    monkeypatch.setattr(kernels, "_on_gpu", lambda x: True)
+    monkeypatch.setattr(kernels, "apex_rms_norm", lambda: None)
+    x, w = torch.randn(6, 3, 16), torch.randn(16)
+    assert kernels.rms_kernel(x, w) == "torch"
+    assert torch.allclose(kernels.fused_rms_norm(x, w, 1e-5), _RMSNormFunction.apply(x, w, 1e-5), atol=1e-6)
+    xm = torch.empty(6, 3, 16, device="meta", requires_grad=True)
+    wm = torch.empty(16, device="meta", requires_grad=True)
+    kernels.fused_rms_norm(xm, wm, 1e-5).sum().backward()
+    assert xm.grad.shape == xm.shape and wm.grad.shape == wm.shape
+    frozen = torch.empty(16, device="meta")  # no weight gradient asked for: none computed
+    xm.grad = None
+    kernels.fused_rms_norm(xm, frozen, 1e-5).sum().backward()
+    assert xm.grad.shape == xm.shape
+
+
+def test_the_run_names_its_kernels(fresh_apex):
+    assert kernels.describe(torch.device("cpu")) is None  # the eager forms: nothing to announce
+    assert kernels.describe(torch.device("cuda")) == "fused kernels: RMSNorm torch _fused_rms_norm; AdamW torch fused=True"
+    kernels.apex_rms_norm.cache_clear()
+    fresh_apex(**_nvidia_apex([]))
+    assert "RMSNorm NVIDIA apex fused_rms_norm_affine" in kernels.describe(torch.device("cuda"))
