@@ -38,8 +38,8 @@ LAYOUTS = [  # (world, overrides)
     (2, ["parallel.zero_stage=0"]),
     pytest.param(4, ["parallel.tp=2", "parallel.pp=2"], marks=pytest.mark.slow),
     pytest.param(4, ["parallel.pp=2"], marks=pytest.mark.slow),                                # 1x2x2
-    pytest.param(4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=2"],
-                 marks=pytest.mark.slow),                                                      # 2x1x2 SP
+    pytest.param(4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=3",
+                     "train.activation_checkpointing=selective"], marks=pytest.mark.slow),    # 2x1x2 SP, ZeRO-3
     pytest.param(8, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"],
                  marks=pytest.mark.slow),                                                      # 2x2x2 SP
 ]
