@@ -45,6 +45,10 @@ from parallel.comm_counter import CommCounter  # noqa: E402
 LAYOUTS = {  # name -> overrides (2 ranks each)
     "TP=2": ["parallel.tp=2", "parallel.zero_stage=0"],
     "TP=2 +SP": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=0"],
+    # selective recompute keeps the parallel linears' outputs: the same bytes as no recompute
+    "TP=2 selective": ["parallel.tp=2", "parallel.zero_stage=0", "train.activation_checkpointing=selective"],
+    "TP=2 +SP selective": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=0",
+                           "train.activation_checkpointing=selective"],
     "PP=2": ["parallel.pp=2", "parallel.zero_stage=0", "train.micro_batch_size=2"],
     "PP=2 flops": ["parallel.pp=2", "parallel.zero_stage=0", "train.micro_batch_size=2",
                    "parallel.pipeline_partition=flops"],
