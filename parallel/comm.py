@@ -233,7 +233,7 @@ _GROUPS: dict = {}  # custom ops take strings, not process groups: group_name ->
 
 
 def _group_name(group: dist.ProcessGroup) -> str:
-    _GROUPS.setdefault(group.group_name, group)
+    _GROUPS[group.group_name] = group  # the live group of that name (a re-initialised job reuses names)
     return group.group_name
 
 
