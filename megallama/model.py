@@ -155,7 +155,9 @@ class _RotaryQKV(torch.autograd.Function):
     Each pair of q and k is one complex number multiplied by ``cos + i·sin`` (as in Meta's
     reference code): one kernel instead of the real form's four strided multiplies, two adds
     and a stack (rotary was ~20% of a demo step's profile).  q and k are adjacent in the
-    projection, so they rotate in one call; v is a view of the projection output.  Backward
+    projection, so they rotate in one call, written next to a copy of v: q, k and v are views
+    of one tensor, so what attention keeps does not hold the projection output (and its
+    pre-rotary q and k) alive.  Backward
     rotates the q and k gradients back (by the conjugate) straight into one buffer of the
     projection output's shape and copies v's gradient next to them: autograd through
     split, multiply and split would allocate that gradient three times and join it twice,
@@ -167,11 +169,18 @@ class _RotaryQKV(torch.autograd.Function):
         s, b = qkv.shape[:2]
         n_rot = n_heads + n_kv_heads
         qk, v = qkv.split([n_rot * head_dim, n_kv_heads * head_dim], dim=-1)
-        rotated = torch.view_as_real(_as_complex(qk.float().view(s, b, n_rot, head_dim)) * rotation)
-        q, k = rotated.flatten(-2).type_as(qkv).split([n_heads, n_kv_heads], dim=2)
+        # q, k and v are views of one new tensor, not v of the projection output: what attention
+        # keeps for backward then frees the projection output and its pre-rotary q and k
+        out = torch.empty(s, b, n_rot + n_kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+        rotated = _as_complex(qk.float().view(s, b, n_rot, head_dim))
+        if out.dtype == torch.float32:
+            torch.mul(rotated, rotation, out=torch.view_as_complex(out[:, :, :n_rot].unflatten(-1, (-1, 2))))
+        else:
+            out[:, :, :n_rot].copy_(torch.view_as_real(rotated * rotation).flatten(-2))
+        out[:, :, n_rot:].copy_(v.view(s, b, n_kv_heads, head_dim))
         ctx.save_for_backward(rotation)
         ctx.meta = (qkv.shape, qkv.dtype, n_heads, n_kv_heads, head_dim)
-        return q, k, v.view(s, b, n_kv_heads, head_dim)
+        return out.split([n_heads, n_kv_heads, n_kv_heads], dim=2)
 
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):

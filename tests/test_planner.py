@@ -83,12 +83,12 @@ def test_activation_formulas_llama_block():
     assert activation_bytes_per_layer(m, lay) == pytest.approx((14 * sbh + 4 * s * b * f + lse) / t)
     no_sp = replace(lay, sequence_parallel=False)
     assert activation_bytes_per_layer(m, no_sp) == pytest.approx(6 * sbh + (8 * sbh + 4 * s * b * f + lse) / t)
-    kept = replace(lay, checkpointing="none")  # 8sbh + QKV output 6sbh + rotated q, k 4sbh + attention output 2sbh
-    assert activation_bytes_per_layer(m, kept) == pytest.approx((20 * sbh + 6 * s * b * f + lse) / t)
+    kept = replace(lay, checkpointing="none")  # 8sbh + rotated q, k and v 6sbh + attention output 2sbh
+    assert activation_bytes_per_layer(m, kept) == pytest.approx((16 * sbh + 6 * s * b * f + lse) / t)
     no_sp = replace(kept, sequence_parallel=False)
-    assert activation_bytes_per_layer(m, no_sp) == pytest.approx(8 * sbh + (12 * sbh + 6 * s * b * f + lse) / t)
+    assert activation_bytes_per_layer(m, no_sp) == pytest.approx(8 * sbh + (8 * sbh + 6 * s * b * f + lse) / t)
     eager = replace(lay, flash_attention=False, checkpointing="none")
-    assert activation_bytes_per_layer(m, eager) == pytest.approx((20 * sbh + 6 * s * b * f + 2 * a * s * s * b) / t)
+    assert activation_bytes_per_layer(m, eager) == pytest.approx((16 * sbh + 6 * s * b * f + 2 * a * s * s * b) / t)
     # selective keeps the block input, the 4 linears' and the attention's outputs (no s^2 term)
     selective = replace(eager, checkpointing="selective")
     assert activation_bytes_per_layer(m, selective) == pytest.approx((14 * sbh + 4 * s * b * f) / t)

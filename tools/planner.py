@@ -150,10 +150,9 @@ def activation_bytes_per_layer(m: ModelConfig, lay: Layout) -> float:
     Korthikanti et al. 2022 counted 34sbh + 5as^2b for a GPT block; a LLaMA block
     (no dropout, RMSNorm, SwiGLU with hidden f, k/v heads r = kv_heads/heads) keeps
     norm inputs 4sbh, the QKV and FFN inputs 4sbh (these 8sbh are replicated across
-    tensor-parallel ranks unless sequence parallelism splits them), the QKV output
-    2(1 + 2r)sbh (v is a view of it, so the pre-rotary q and k stay alive with it), the
-    rotated q and k 2(1 + r)sbh and the attention output 2sbh, the FFN gate, up and product
-    6sbf, and either the
+    tensor-parallel ranks unless sequence parallelism splits them), the rotated q, k and v
+    (one tensor, so the projection output is freed) 2(1 + 2r)sbh and the attention output
+    2sbh, the FFN gate, up and product 6sbf, and either the
     softmax probabilities 2as^2b (eager attention, no selective recompute) or the
     log-sum-exp 4asb (memory-efficient attention).
 
@@ -173,9 +172,9 @@ def activation_bytes_per_layer(m: ModelConfig, lay: Layout) -> float:
     if lay.checkpointing == "selective":
         replicated = 6 * sbh
         split = (4 + 4 * r) * sbh + 4 * s * b * m.ffn_hidden
-    else:  # the QKV output stays alive as v's storage, next to the rotated q and k
+    else:
         replicated = 8 * sbh
-        split = (6 + 6 * r) * sbh + 6 * s * b * m.ffn_hidden
+        split = (4 + 4 * r) * sbh + 6 * s * b * m.ffn_hidden
     if lay.flash_attention:
         split += 4 * a * s * b
     elif lay.checkpointing == "none":
