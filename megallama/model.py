@@ -363,18 +363,18 @@ class FeedForward(nn.Module):
 
 # ----------------------------------------------------------------------------- block
 
-def _save_matmuls_policy(ctx, op, *args, **kwargs):
-    """Selective recompute (the paper's section 2.4): keep the expensive activations (outputs
-    of linear layers and of attention), recompute the cheap element-wise ones."""
-    return CheckpointPolicy.MUST_SAVE if op in _EXPENSIVE else CheckpointPolicy.PREFER_RECOMPUTE
-
-
 # the tensor-parallel linears are single ops (their collectives inside): keeping their outputs
 # re-runs no collective when a block is recomputed
 _EXPENSIVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
               torch.ops.aten._scaled_dot_product_flash_attention.default,
               torch.ops.aten._scaled_dot_product_efficient_attention.default,
               torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default} | SAVE_IN_RECOMPUTE
+
+
+def _save_matmuls_policy(ctx, op, *args, **kwargs):
+    """Selective recompute (the paper's section 2.4): keep the expensive activations (outputs
+    of linear layers and of attention), recompute the cheap element-wise ones."""
+    return CheckpointPolicy.MUST_SAVE if op in _EXPENSIVE else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 class TransformerBlock(nn.Module):

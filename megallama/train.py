@@ -262,8 +262,9 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
     gas = gradient_accumulation_steps(cfg, ctx.world_size)
     pipelined = p.pp > 1
     dev = device()
-    if rank0 and describe_kernels(dev):
-        print(describe_kernels(dev), flush=True)
+    kernels = describe_kernels(dev)
+    if rank0 and kernels:
+        print(kernels, flush=True)
 
     def stream(dataset, consumed: int = 0) -> Timed:
         return Timed(micro_batches(dataset, consumed, t.global_batch_size, t.micro_batch_size,

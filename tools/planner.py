@@ -169,12 +169,9 @@ def activation_bytes_per_layer(m: ModelConfig, lay: Layout) -> float:
     if lay.checkpointing == "full":
         return scale * 2 * sbh / (t if lay.sp else 1)  # only the block input
     r = m.kv_heads / m.n_heads
-    if lay.checkpointing == "selective":
-        replicated = 6 * sbh
-        split = (4 + 4 * r) * sbh + 4 * s * b * m.ffn_hidden
-    else:
-        replicated = 8 * sbh
-        split = (4 + 4 * r) * sbh + 6 * s * b * m.ffn_hidden
+    selective = lay.checkpointing == "selective"  # what the policy keeps (above)
+    replicated = (6 if selective else 8) * sbh
+    split = (4 + 4 * r) * sbh + (4 if selective else 6) * s * b * m.ffn_hidden
     if lay.flash_attention:
         split += 4 * a * s * b
     elif lay.checkpointing == "none":
