@@ -71,6 +71,34 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optiona
     return None
 
 
+def check_rms_norm(device="cuda") -> str:
+    """:func:`fused_rms_norm` on ``device`` against the eager node (the CPU form), forward and both
+    gradients, in fp32 and bf16; raises ``AssertionError`` naming what differs.  Returns the kernel's
+    name (``apex``, ``torch`` or ``eager``).  Run before GPU timings and by ``tests/test_gpu.py``."""
+    from megallama.model import _RMSNormFunction
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        x0 = torch.randn(512, 2, 1024, generator=gen).to(device, dtype)
+        w0 = (1 + 0.1 * torch.randn(1024, generator=gen)).to(device, dtype)
+        g = torch.randn(x0.shape, generator=gen).to(device, dtype)
+        kind = rms_kernel(x0, w0)
+        results = []
+        for fused in (True, False):
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            y = fused_rms_norm(x, w, 1e-5) if fused else None
+            if y is None:
+                y = _RMSNormFunction.apply(x, w, 1e-5)
+            y.backward(g)
+            results.append((y.float(), x.grad.float(), w.grad.float()))
+        for name, a, b in zip(("output", "input gradient", "weight gradient"), *results):
+            err = ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+            if not err <= tol:
+                raise AssertionError(f"fused RMSNorm ({kind}) {name} differs from the eager node by "
+                                     f"{err:.2e} (relative) in {dtype}")
+    return kind
+
+
 def describe(device: torch.device) -> Optional[str]:
     """One line naming the fused kernels a run on ``device`` uses (None on CPU: the eager forms)."""
     if torch.device(device).type != "cuda":

@@ -22,9 +22,9 @@ import torch
 
 from megallama.config import Config
 
-def measure_cpu_matmul_flops(n: int = 1024, repeats: int = 8) -> float:
-    """FLOP/s of a large fp32 matmul with this process's threads (best of ``repeats``)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def measure_cpu_matmul_flops(n: int = 1024, repeats: int = 8, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of a large ``dtype`` matmul with this process's threads (best of ``repeats``)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
@@ -43,7 +43,10 @@ def peak_flops_per_device(cfg: Config) -> float:
         spec = detect_gpu_spec()
         if spec is not None:
             return spec.peak_flops(cfg.train.precision)
-    return measure_cpu_matmul_flops()
+    # the training precision's matmul: a CPU with bf16 instructions runs bf16 faster than fp32,
+    # and an fp32 peak would put a bf16 run's MFU above 100%
+    dtype = {"bf16": torch.bfloat16}.get(cfg.train.precision, torch.float32)
+    return measure_cpu_matmul_flops(dtype=dtype)
 
 
 def _duration(seconds: float) -> str:

@@ -101,3 +101,34 @@ def test_the_run_names_its_kernels(fresh_apex):
     kernels.apex_rms_norm.cache_clear()
     fresh_apex(**_nvidia_apex([]))
     assert "RMSNorm NVIDIA apex fused_rms_norm_affine" in kernels.describe(torch.device("cuda"))
+
+
+def test_the_kernel_check_accepts_a_correct_kernel(fresh_apex, monkeypatch):
+    """``check_rms_norm`` (run before GPU timings and by tests/test_gpu.py) compares the fused path
+    with the eager node; here the fused path is a stand-in apex computing ``F.rms_norm``."""
+    calls = []
+    fresh_apex(**_nvidia_apex(calls))
+    monkeypatch.setattr(kernels, "_on_gpu", lambda x: True)
+    assert kernels.check_rms_norm("cpu") == "apex"
+    assert len(calls) == 2  # fp32 and bf16 both went through the kernel under test
+
+
+@pytest.mark.parametrize("wrong", ["output", "input gradient"])
+def test_the_kernel_check_catches_a_wrong_kernel(fresh_apex, monkeypatch, wrong):
+    modules = _nvidia_apex([])
+
+    class Off(torch.autograd.Function):  # right forward, input gradient 2% off (or the reverse)
+        @staticmethod
+        def forward(ctx, y):
+            return y * 1.02 if wrong == "output" else y.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g if wrong == "output" else g * 1.02
+
+    good = modules["apex.normalization.fused_layer_norm"].fused_rms_norm_affine
+    modules["apex.normalization.fused_layer_norm"].fused_rms_norm_affine = lambda *a, **k: Off.apply(good(*a, **k))
+    fresh_apex(**modules)
+    monkeypatch.setattr(kernels, "_on_gpu", lambda x: True)
+    with pytest.raises(AssertionError, match=f"fused RMSNorm \\(apex\\) {wrong} differs from the eager node"):
+        kernels.check_rms_norm("cpu")
