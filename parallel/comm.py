@@ -330,6 +330,18 @@ _row_linear.register_autograd(_row_linear_backward, setup_context=_row_linear_se
 SAVE_IN_RECOMPUTE.update({torch.ops.parallel.column_linear.default, torch.ops.parallel.row_linear.default})
 
 
+def _as_autocast(x: torch.Tensor, weight: torch.Tensor):
+    """Under ``torch.autocast`` both operands in its dtype, as ``F.linear`` gets them: a custom op
+    has no autocast rule of its own, and its backward (run outside the autocast region) would meet
+    a low-precision gradient and the full-precision weight.  The casts are autograd ops, so the
+    weight's gradient comes back in the parameter's dtype."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x, weight
+    dtype = torch.get_autocast_dtype(device)
+    return x.to(dtype), weight.to(dtype)
+
+
 def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, group: Group,
                            sequence_parallel: bool = False) -> torch.Tensor:
     """``x @ W^T`` of a column-parallel weight, its communication fused in: under SP the input
@@ -337,7 +349,7 @@ def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, group: Group,
     weight-gradient matmul."""
     if group_size(group) == 1:
         return torch.nn.functional.linear(x, weight)
-    return _column_linear(x, weight, _group_name(group), sequence_parallel)
+    return _column_linear(*_as_autocast(x, weight), _group_name(group), sequence_parallel)
 
 
 def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, group: Group,
@@ -346,4 +358,4 @@ def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, group: Group,
     along the sequence under SP)."""
     if group_size(group) == 1:
         return torch.nn.functional.linear(x, weight)
-    return _row_linear(x, weight, _group_name(group), sequence_parallel)
+    return _row_linear(*_as_autocast(x, weight), _group_name(group), sequence_parallel)

@@ -74,3 +74,39 @@ def test_tp_matches_single_process(world, sp, vocab, kv, checkpointing):
         assert r["logits"] < 1e-5, r
         assert r["loss"] < 1e-5, r
         assert r["grad"] < 1e-5, f"rank {rank}: gradient of {r['worst']} differs by {r['grad']}"
+
+
+def _tp_autocast_case(rank, world, sequence_parallel):
+    """The same model under ``torch.autocast(bfloat16)`` at TP=1 and TP=``world``: the custom
+    parallel-linear ops must see what ``F.linear`` sees under autocast (both operands in bf16),
+    forward and backward (which runs outside the autocast region)."""
+    from megallama.config import preset_config
+    from megallama.model import build_model
+    from parallel.topology import ParallelContext
+
+    cfg = preset_config("tiny").model
+    ref = build_model(cfg, seed=3)
+    model = build_model(cfg, ParallelContext.from_distributed(tp=world), seed=3, sequence_parallel=sequence_parallel)
+    tokens = torch.randint(0, cfg.vocab_size, (4, 17), generator=torch.Generator().manual_seed(6))
+    losses = []
+    for m in (ref, model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        losses.append(loss.item())
+    ref_params = dict(ref.named_parameters())
+    worst, err = "", 0.0
+    for name, p in model.named_parameters():
+        expected = _expected_shard(ref_params[name].grad, p, rank, world)
+        assert p.grad.dtype == torch.float32  # the parameters' own dtype, as under F.linear
+        e = ((p.grad - expected).abs().max() / expected.abs().max()).item()
+        if e >= err:
+            worst, err = name, e
+    return dict(loss=abs(losses[1] - losses[0]) / losses[0], grad=err, worst=worst)
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_tp_under_bf16_autocast_matches_single_process(sp):
+    for rank, r in enumerate(run_ranks(_tp_autocast_case, 2, sp, timeout=120)):
+        assert r["loss"] < 1e-3, r  # bf16: the partial sums are rounded before they are reduced
+        assert r["grad"] < 3e-2, f"rank {rank}: gradient of {r['worst']} differs by {r['grad']:.3g} (relative)"
