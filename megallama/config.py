@@ -125,7 +125,7 @@ class TrainConfig:
     log_interval: int = 1
     eval_interval: int = 0  # 0 = no periodic validation
     eval_iters: int = 10
-    save_interval: int = 0  # 0 = save only at the end (and on SIGTERM/SIGUSR1)
+    save_interval: int = 0  # 0 = save only at the end (and on SIGTERM/SIGUSR1); -1 = never (benchmarks)
     keep_last: int = 3
     device_peak_flops: float = 0.0  # for MFU; 0 = looked up (GPU table) or measured (CPU)
     tensorboard: bool = True
@@ -423,6 +423,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
     need(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables), got {o.grad_clip}")
     need(t.keep_last >= 1, f"train.keep_last must be >= 1, got {t.keep_last}")
+    need(t.save_interval >= -1, f"train.save_interval must be >= 0 (0 = only at the end) or -1 (never), "
+                                f"got {t.save_interval}")
     if t.eval_tasks:
         need(t.task_eval_interval > 0, "train.eval_tasks needs train.task_eval_interval > 0 (steps between evaluations)")
         need(p.pp == 1, "train.eval_tasks needs parallel.pp=1 (tasks are scored on the whole model); "

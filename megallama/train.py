@@ -293,6 +293,8 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
     tokenizer = getattr(data, "tokenizer", None)
 
     def save(step: int) -> None:
+        if t.save_interval < 0:  # -1: a benchmark or smoke run that keeps no checkpoint
+            return
         path = save_checkpoint(engine, params, cfg, ctx, step, step * t.global_batch_size, tokenizer)
         if rank0:
             print(f"saved checkpoint {path}", flush=True)
@@ -348,10 +350,12 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
         if step + 1 < total_steps and stop.agreed():
             save(step + 1)
             if rank0:
-                print(f"stopping on signal {stop.signal or 'from another rank'} after step {step + 1}; "
-                      "run the same command to resume", flush=True)
+                then = ("run the same command to resume" if t.save_interval >= 0 else
+                        "no checkpoint was written (train.save_interval=-1)")
+                print(f"stopping on signal {stop.signal or 'from another rank'} after step {step + 1}; {then}",
+                      flush=True)
             raise SystemExit(EXIT_PREEMPTED)
-        if t.save_interval and (step + 1) % t.save_interval == 0 and step + 1 < total_steps:
+        if t.save_interval > 0 and (step + 1) % t.save_interval == 0 and step + 1 < total_steps:
             save(step + 1)
 
     save(total_steps)

@@ -156,3 +156,18 @@ def test_cpu_mfu_is_measured_against_the_training_precisions_matmul(monkeypatch)
     for precision in ("fp32", "bf16"):
         metrics.peak_flops_per_device(load_config(None, [f"train.precision={precision}"], preset="tiny"))
     assert seen == [torch.float32, torch.bfloat16]
+
+
+def _no_checkpoint_run(rank, world, run_dir):
+    from tests.synthetic import train_tiny
+
+    train_tiny(world, ["train.steps=2", "train.save_interval=-1", "train.tensorboard=false"], run_dir)
+
+
+def test_save_interval_minus_one_keeps_no_checkpoint(tmp_path):
+    """What benchmarks use (a 1B checkpoint would cost them tens of seconds of disk writes)."""
+    run_ranks(_no_checkpoint_run, 1, str(tmp_path / "run"), timeout=240)
+    assert (tmp_path / "run" / "summary.json").exists() and (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    with pytest.raises(ConfigError, match=r"train.save_interval must be >= 0 \(0 = only at the end\) or -1"):
+        validate(load_config(None, ["train.save_interval=-2"], preset="tiny"), 1)
