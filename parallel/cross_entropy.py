@@ -81,8 +81,19 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, gro
     return _VocabParallelCrossEntropy.apply(logits, target, group, vocab_size)
 
 
-def _chunk_rows(n_local_vocab: int, budget: int = 1 << 21) -> int:
-    """Tokens per chunk so that a chunk's fp32 logits stay near ``budget`` elements (8 MiB)."""
+# fp32 logits elements per chunk.  CPU: 8 MiB, which stays in cache and was the fastest of 64 to
+# 2048 tokens measured on the demo (docs/performance.md, item 4).  GPU: 256 MiB, because every
+# chunk also adds its weight-gradient product into the [V/t, d] fp32 accumulator: with 8 MiB
+# chunks LLaMA's 32k vocabulary gets 65 tokens per chunk, i.e. at b=4, s=2048 126 passes over a
+# 250 MiB accumulator (and 126 weight-gradient matmuls with an inner dimension of 65) a step;
+# at 256 MiB it is 4 passes of full-size matmuls, and the logits are still 1/32 of the whole.
+CHUNK_ELEMENTS = {"cpu": 1 << 21}
+CHUNK_ELEMENTS_DEFAULT = 1 << 26
+
+
+def _chunk_rows(n_local_vocab: int, device: torch.device) -> int:
+    """Tokens per chunk so that a chunk's fp32 logits stay near ``CHUNK_ELEMENTS`` for the device."""
+    budget = CHUNK_ELEMENTS.get(torch.device(device).type, CHUNK_ELEMENTS_DEFAULT)
     return max(1, budget // max(1, n_local_vocab))
 
 
@@ -161,10 +172,10 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Te
     region first so its gradient is reduced; ``weight`` ``[V/t, d]`` this rank's rows of
     the output projection; ``target`` ``[tokens]``; ``token_weight`` ``[tokens]`` (default
     ``1/tokens``: the mean).  ``vocab_size`` masks padded rows; ``chunk`` tokens per step
-    (default: about 8 MiB of fp32 logits).
+    (default: about 8 MiB of fp32 logits on CPU, 256 MiB on a GPU: ``CHUNK_ELEMENTS``).
     """
     if token_weight is None:
         token_weight = torch.full((x.shape[0],), 1.0 / max(1, x.shape[0]), dtype=torch.float32, device=x.device)
     want_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(x, weight, target, token_weight.float(), group, vocab_size, want_grad,
-                                     chunk or _chunk_rows(weight.shape[0]))
+                                     chunk or _chunk_rows(weight.shape[0], x.device))

@@ -155,3 +155,22 @@ def test_megallama_train_on_one_gpu_in_bf16(tmp_path):
     print(f"megallama train, demo, bf16, one GPU: {s['tokens_per_sec']:,.0f} tokens/s, MFU {100 * s['mfu']:.1f}%")
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 41))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_loss_in_gpu_sized_chunks_equals_cross_entropy(dtype):
+    """LLaMA's 32k vocabulary at 8192 tokens: 4 chunks of the GPU default (2097 tokens)."""
+    from parallel.cross_entropy import linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(8192, 256, generator=gen) / 4).to("cuda", dtype).requires_grad_()
+    w = (torch.randn(32000, 256, generator=gen) / 16).to("cuda", dtype).requires_grad_()
+    target = torch.randint(0, 32000, (8192,), generator=gen).cuda()
+    loss = linear_cross_entropy(x, w, target)
+    loss.backward()
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(xr @ wr.t(), target)
+    ref.backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert abs(loss.item() - ref.item()) < tol * ref.item()
+    assert _rel(x.grad.double(), xr.grad) < tol and _rel(w.grad.double(), wr.grad) < tol
