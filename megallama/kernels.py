@@ -52,12 +52,20 @@ def _on_gpu(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
+def _torch_has_fused_rms_norm() -> bool:
+    """``aten::_fused_rms_norm`` and its backward exist from torch 2.8 on (megallama allows 2.4)."""
+    return hasattr(torch.ops.aten, "_fused_rms_norm") and hasattr(torch.ops.aten, "_fused_rms_norm_backward")
+
+
 def rms_kernel(x: torch.Tensor, weight: torch.Tensor) -> str:
     """Which kernel :func:`fused_rms_norm` runs for these tensors: ``apex``, ``torch`` or ``eager``
-    (not a CUDA tensor, or the weight's dtype differs from the input's: the caller's own form)."""
+    (not a CUDA tensor, the weight's dtype differs from the input's, or neither apex nor a torch
+    with the fused kernel: the caller's own form)."""
     if not _on_gpu(x) or weight.dtype != x.dtype:
         return "eager"
-    return "apex" if apex_rms_norm() is not None else "torch"
+    if apex_rms_norm() is not None:
+        return "apex"
+    return "torch" if _torch_has_fused_rms_norm() else "eager"
 
 
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torch.Tensor]:
@@ -103,5 +111,6 @@ def describe(device: torch.device) -> Optional[str]:
     """One line naming the fused kernels a run on ``device`` uses (None on CPU: the eager forms)."""
     if torch.device(device).type != "cuda":
         return None
-    rms = "NVIDIA apex fused_rms_norm_affine" if apex_rms_norm() is not None else "torch _fused_rms_norm"
+    rms = ("NVIDIA apex fused_rms_norm_affine" if apex_rms_norm() is not None else
+           "torch _fused_rms_norm" if _torch_has_fused_rms_norm() else "eager (torch < 2.8, no apex)")
     return f"fused kernels: RMSNorm {rms}; AdamW torch fused=True"

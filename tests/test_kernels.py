@@ -132,3 +132,14 @@ def test_the_kernel_check_catches_a_wrong_kernel(fresh_apex, monkeypatch, wrong)
     monkeypatch.setattr(kernels, "_on_gpu", lambda x: True)
     with pytest.raises(AssertionError, match=f"fused RMSNorm \\(apex\\) {wrong} differs from the eager node"):
         kernels.check_rms_norm("cpu")
+
+
+def test_a_torch_without_the_fused_kernel_keeps_the_eager_node(fresh_apex, monkeypatch):
+    """torch 2.4-2.7 (allowed by setup.py) has no ``aten::_fused_rms_norm``: the GPU then runs the
+    eager node instead of failing on the first norm."""
+    assert kernels._torch_has_fused_rms_norm()  # the torch installed here has it
+    monkeypatch.setattr(kernels, "_on_gpu", lambda x: True)
+    monkeypatch.setattr(kernels, "_torch_has_fused_rms_norm", lambda: False)
+    x, w = torch.randn(4, 2, 8), torch.randn(8)
+    assert kernels.rms_kernel(x, w) == "eager" and kernels.fused_rms_norm(x, w, 1e-5) is None
+    assert "RMSNorm eager" in kernels.describe(torch.device("cuda"))
