@@ -134,6 +134,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 picked, sum_exp = both[0], both[1]
             losses[lo:hi] = sum_exp.log() + row_max - picked
             if not want_grad:
+                del logits, probs
                 continue
             # d(w_t · loss_t)/d logits = w_t · (softmax − onehot)
             probs.div_(sum_exp.unsqueeze(-1))
@@ -151,6 +152,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 torch.mm(g.t(), xc, out=grad_w)
             else:
                 grad_w.addmm_(g.t(), xc)
+            # drop this chunk before the next one's logits are allocated: one chunk alive, not two
+            del logits, probs, g
         if want_grad:
             ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype

@@ -5,7 +5,7 @@ docs/planning.md for the formulas and the assumptions):
 
 * memory per GPU = model states (per ZeRO stage, DeepSpeed's accounting)
   + activations (Korthikanti et al. 2022, re-derived for LLaMA's SwiGLU block)
-  x micro-batches in flight (1F1B) + logits + a fixed reserve;
+  x micro-batches in flight (1F1B) + the fused loss's working memory + a fixed reserve;
 * step time = (m + pp - 1) x per-micro-batch stage time (matmuls at an achievable
   fraction of peak, memory-bound elementwise ops at HBM bandwidth, exposed
   tensor-parallel collectives, pipeline sends) + the data-parallel gradient
@@ -183,6 +183,33 @@ def _act_bytes(lay: Layout) -> int:
     return 4 if lay.precision == "fp32" else 2
 
 
+def fused_loss_bytes(tokens: int, dim: int, local_vocab: int, act_bytes: int, weight_bytes: int,
+                     chunk_rows: int) -> int:
+    """Peak working memory of the output layer fused with the loss (``parallel/cross_entropy.py``):
+    it never holds the ``[tokens, V/t]`` logits, but computes both gradients during its forward.
+    Forward, at its last chunk: the input gradient ``[tokens, d]`` and the fp32 weight-gradient
+    accumulator ``[V/t, d]`` so far, one chunk's fp32 logits (turned into probabilities in place)
+    with their 16-bit copy, and for 16-bit weights the chunk's 16-bit weight-gradient product.
+    Backward: both kept gradients and their scaled copies (the weight's in its own dtype)."""
+    rows = min(tokens, chunk_rows)
+    sixteen = act_bytes < 4
+    forward = (tokens * dim * act_bytes + 4 * local_vocab * dim + rows * local_vocab * (4 + (act_bytes if sixteen else 0))
+               + (weight_bytes * local_vocab * dim if weight_bytes < 4 else 0))
+    backward = 2 * tokens * dim * act_bytes + 4 * local_vocab * dim + weight_bytes * local_vocab * dim
+    return max(forward, backward)
+
+
+def loss_bytes(m: ModelConfig, lay: Layout) -> int:
+    """:func:`fused_loss_bytes` of this layout on a GPU (its chunk size: ``CHUNK_ELEMENTS_DEFAULT``).
+    Under SP the output layer sees the whole sequence (its input is gathered)."""
+    from parallel.cross_entropy import CHUNK_ELEMENTS_DEFAULT
+
+    local_vocab = m.padded_vocab_size(lay.tp) // lay.tp
+    a = _act_bytes(lay)
+    return fused_loss_bytes(lay.seq_len * lay.micro_batch, m.dim, local_vocab, a, a,
+                            max(1, CHUNK_ELEMENTS_DEFAULT // local_vocab))
+
+
 def memory_bytes(m: ModelConfig, lay: Layout) -> dict:
     """Per-GPU memory of the heaviest rank (the first pipeline stage holds pp micro-batches)."""
     p = params_per_gpu(m, lay)
@@ -190,8 +217,7 @@ def memory_bytes(m: ModelConfig, lay: Layout) -> dict:
     states = model_state_bytes(p, lay.dp, lay.zero_stage, largest, lay.precision)
     in_flight = min(lay.pp, lay.micro_batches)
     acts = activation_bytes_per_layer(m, lay) * (m.n_layers // lay.pp) * in_flight
-    logits = 6 * lay.seq_len * lay.micro_batch * m.padded_vocab_size(lay.tp) / lay.tp  # 16-bit + fp32 softmax
-    return dict(**states, activations=acts, logits=logits, reserved=RESERVED_BYTES)
+    return dict(**states, activations=acts, loss=loss_bytes(m, lay), reserved=RESERVED_BYTES)
 
 
 # ----------------------------------------------------------------------------- time
