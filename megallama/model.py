@@ -365,10 +365,12 @@ class FeedForward(nn.Module):
 
 # the tensor-parallel linears are single ops (their collectives inside): keeping their outputs
 # re-runs no collective when a block is recomputed
-_EXPENSIVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-              torch.ops.aten._scaled_dot_product_flash_attention.default,
-              torch.ops.aten._scaled_dot_product_efficient_attention.default,
-              torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default} | SAVE_IN_RECOMPUTE
+# every SDPA backend a device may pick (cuDNN's exists from torch 2.5 on; GPUs can choose it)
+_ATTENTION_KERNELS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                      "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+_EXPENSIVE = ({torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+              | {getattr(torch.ops.aten, name).default for name in _ATTENTION_KERNELS if hasattr(torch.ops.aten, name)}
+              | SAVE_IN_RECOMPUTE)
 
 
 def _save_matmuls_policy(ctx, op, *args, **kwargs):

@@ -174,3 +174,17 @@ def test_fused_loss_in_gpu_sized_chunks_equals_cross_entropy(dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert abs(loss.item() - ref.item()) < tol * ref.item()
     assert _rel(x.grad.double(), xr.grad) < tol and _rel(w.grad.double(), wr.grad) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selective_recompute_reruns_no_attention_on_the_gpu(dtype):
+    """Whichever SDPA backend the GPU picks (flash, memory-efficient, cuDNN), the selective policy
+    keeps its output: the step runs the kernels of no recomputation."""
+    from tests.test_model_ops import kernel_runs
+
+    cfg = _cfg()
+    tokens = _tokens(cfg, batch=2, seq=128).cuda()
+    runs = {mode: kernel_runs(build_model(cfg, seed=1, checkpointing=mode).to("cuda", dtype), tokens)
+            for mode in ("none", "selective")}
+    assert runs["none"][0] == cfg.n_layers, runs  # an SDPA kernel _ATTENTION_KERNELS does not know
+    assert runs["selective"] == runs["none"], runs

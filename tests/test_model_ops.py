@@ -175,3 +175,41 @@ def test_kept_input_gradient_survives_the_next_backward(node):
         del grad
     assert torch.equal(kept, first)  # not overwritten by steps 1 and 2
     assert ptrs[1] != ptrs[0] and ptrs[2] == ptrs[1]  # the kept buffer was left alone, the freed one reused
+
+
+def kernel_runs(model, tokens):
+    """How often a forward + backward of ``model`` on ``tokens`` runs attention forward kernels
+    (any SDPA backend) and matmuls (``mm``/``addmm``/``bmm``, forward and backward together)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megallama.model import _ATTENTION_KERNELS
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.runs = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.runs[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    counter = Count()
+    with counter:
+        model(tokens[:, :-1], tokens[:, 1:]).backward()
+    attention = sum(counter.runs[name] for name in _ATTENTION_KERNELS)
+    return attention, sum(counter.runs[name] for name in ("mm", "addmm", "bmm"))
+
+
+def test_selective_recompute_reruns_no_matmul_and_no_attention():
+    """The paper's selective recompute keeps the linear and attention outputs: a step runs exactly
+    the kernels of no recomputation; full recomputation re-runs each block's attention and its
+    forward matmuls.  (tests/test_gpu.py runs the same count on whichever SDPA backend a GPU picks.)"""
+    cfg = preset_config("tiny").model
+    tokens = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    runs = {mode: kernel_runs(build_model(cfg, seed=1, checkpointing=mode), tokens)
+            for mode in ("none", "selective", "full")}
+    assert runs["none"][0] == cfg.n_layers
+    assert runs["selective"] == runs["none"]
+    assert runs["full"][0] == 2 * cfg.n_layers and runs["full"][1] > runs["none"][1]
