@@ -224,7 +224,7 @@ def test_fused_loss_memory_is_what_the_planner_counts(tokens, vocab, chunk):
     """The planner's loss term against the resident-memory peak of the fused loss (forward and
     backward, fp32) in a fresh process where glibc maps every allocation above 64 KiB, so freed
     memory leaves the resident set at once and its high-water mark is the peak of live tensors.
-    MKL adds a constant ~4 MiB of packing buffers at any of these shapes (cuBLAS's workspace is in
+    MKL adds ~4 MiB of packing buffers here at any of these shapes (allowed: 8; cuBLAS's workspace is in
     the planner's fixed reserve).  Two chunks alive at once (the bug this found) read +16 MiB in the first case.
     bf16 is not compared here: oneDNN's CPU bf16 matmuls reorder their operands into copies."""
     import os
@@ -239,4 +239,4 @@ def test_fused_loss_memory_is_what_the_planner_counts(tokens, vocab, chunk):
     measured = int(r.stdout)
     expected = fused_loss_bytes(tokens, 256, vocab, 4, 4, chunk)
     # resident pages, not bytes: a few hundred KiB either way between runs (seen: -0.17 to +1.2 MiB)
-    assert -0.02 * expected <= measured - expected <= 5 * 2**20, (measured / 2**20, expected / 2**20)
+    assert -0.02 * expected <= measured - expected <= 8 * 2**20, (measured / 2**20, expected / 2**20)
