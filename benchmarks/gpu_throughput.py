@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from benchmarks._common import print_table  # noqa: E402
 from megallama.config import preset_config  # noqa: E402
-from megallama.engine import param_groups  # noqa: E402
+from megallama.engine import build_optimizer  # noqa: E402
 from megallama.model import build_model  # noqa: E402
 
 
@@ -53,9 +53,7 @@ def plain_loop(args, cfg) -> float:
         from megallama.train import compile_blocks
 
         compile_blocks(model)  # what train.compile=true does
-    o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(model.named_parameters(), o.weight_decay), lr=o.lr,
-                            betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
+    opt = build_optimizer(model, cfg)  # the training run's AdamW: its groups, fused on CUDA
     tokens = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq + 1), device="cuda")
 
     def step() -> None:

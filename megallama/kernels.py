@@ -52,6 +52,7 @@ def _on_gpu(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
+@functools.lru_cache(maxsize=None)
 def _torch_has_fused_rms_norm() -> bool:
     """``aten::_fused_rms_norm`` and its backward exist from torch 2.8 on (megallama allows 2.4)."""
     return hasattr(torch.ops.aten, "_fused_rms_norm") and hasattr(torch.ops.aten, "_fused_rms_norm_backward")
@@ -63,6 +64,11 @@ def rms_kernel(x: torch.Tensor, weight: torch.Tensor) -> str:
     with the fused kernel: the caller's own form)."""
     if not _on_gpu(x) or weight.dtype != x.dtype:
         return "eager"
+    return _gpu_rms_kernel()
+
+
+def _gpu_rms_kernel() -> str:
+    """The RMSNorm kernel of CUDA tensors of one dtype: apex's, else torch's, else the eager node."""
     if apex_rms_norm() is not None:
         return "apex"
     return "torch" if _torch_has_fused_rms_norm() else "eager"
@@ -111,6 +117,6 @@ def describe(device: torch.device) -> Optional[str]:
     """One line naming the fused kernels a run on ``device`` uses (None on CPU: the eager forms)."""
     if torch.device(device).type != "cuda":
         return None
-    rms = ("NVIDIA apex fused_rms_norm_affine" if apex_rms_norm() is not None else
-           "torch _fused_rms_norm" if _torch_has_fused_rms_norm() else "eager (torch < 2.8, no apex)")
+    rms = {"apex": "NVIDIA apex fused_rms_norm_affine", "torch": "torch _fused_rms_norm",
+           "eager": "eager (torch < 2.8, no apex)"}[_gpu_rms_kernel()]
     return f"fused kernels: RMSNorm {rms}; AdamW torch fused=True"

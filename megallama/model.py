@@ -363,9 +363,9 @@ class FeedForward(nn.Module):
 
 # ----------------------------------------------------------------------------- block
 
-# the tensor-parallel linears are single ops (their collectives inside): keeping their outputs
-# re-runs no collective when a block is recomputed
-# every SDPA backend a device may pick (cuDNN's exists from torch 2.5 on; GPUs can choose it)
+# kept by selective recompute: matmuls, every SDPA backend a device may pick (cuDNN's exists from
+# torch 2.5 on; GPUs can choose it) and the tensor-parallel linears, single ops with their
+# collectives inside, so that recomputing a block re-runs no collective
 _ATTENTION_KERNELS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
                       "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
 _EXPENSIVE = ({torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}

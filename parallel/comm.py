@@ -255,7 +255,8 @@ def _(x, weight, group_name, sequence_parallel):
     return x.new_empty((s,) + tuple(x.shape[1:-1]) + (weight.shape[0],))
 
 
-def _column_linear_setup(ctx, inputs, output):
+def _save_linear_inputs(ctx, inputs, output):
+    """Both parallel linears keep their input and weight, and their group and SP flag."""
     x, weight, group_name, sequence_parallel = inputs
     ctx.group, ctx.sp = _GROUPS[group_name], sequence_parallel
     ctx.save_for_backward(x, weight)
@@ -288,7 +289,7 @@ def _column_linear_backward(ctx, grad_out):
     return grad_input, grad_weight, None, None
 
 
-_column_linear.register_autograd(_column_linear_backward, setup_context=_column_linear_setup)
+_column_linear.register_autograd(_column_linear_backward, setup_context=_save_linear_inputs)
 
 
 @torch.library.custom_op("parallel::row_linear", mutates_args=())
@@ -308,12 +309,6 @@ def _(x, weight, group_name, sequence_parallel):
     return x.new_empty((x.shape[0] // n,) + tuple(x.shape[1:-1]) + (weight.shape[0],))
 
 
-def _row_linear_setup(ctx, inputs, output):
-    x, weight, group_name, sequence_parallel = inputs
-    ctx.group, ctx.sp = _GROUPS[group_name], sequence_parallel
-    ctx.save_for_backward(x, weight)
-
-
 def _row_linear_backward(ctx, grad_out):
     """Under SP the output gradient (this rank's part of the sequence) is all-gathered first;
     the all-reduce's backward is the identity."""
@@ -325,7 +320,7 @@ def _row_linear_backward(ctx, grad_out):
     return grad_input, grad_weight, None, None
 
 
-_row_linear.register_autograd(_row_linear_backward, setup_context=_row_linear_setup)
+_row_linear.register_autograd(_row_linear_backward, setup_context=_save_linear_inputs)
 
 SAVE_IN_RECOMPUTE.update({torch.ops.parallel.column_linear.default, torch.ops.parallel.row_linear.default})
 

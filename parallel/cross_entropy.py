@@ -91,7 +91,7 @@ CHUNK_ELEMENTS = {"cpu": 1 << 21}
 CHUNK_ELEMENTS_DEFAULT = 1 << 26
 
 
-def _chunk_rows(n_local_vocab: int, device: torch.device) -> int:
+def chunk_rows(n_local_vocab: int, device: torch.device) -> int:
     """Tokens per chunk so that a chunk's fp32 logits stay near ``CHUNK_ELEMENTS`` for the device."""
     budget = CHUNK_ELEMENTS.get(torch.device(device).type, CHUNK_ELEMENTS_DEFAULT)
     return max(1, budget // max(1, n_local_vocab))
@@ -181,4 +181,4 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Te
         token_weight = torch.full((x.shape[0],), 1.0 / max(1, x.shape[0]), dtype=torch.float32, device=x.device)
     want_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(x, weight, target, token_weight.float(), group, vocab_size, want_grad,
-                                     chunk or _chunk_rows(weight.shape[0], x.device))
+                                     chunk or chunk_rows(weight.shape[0], x.device))

@@ -100,9 +100,9 @@ def test_vocab_parallel_fused_loss_equals_single_process():
 def test_default_chunk_follows_the_device():
     """8 MiB of fp32 logits on CPU (fastest there); 256 MiB on a GPU, where each chunk's pass over
     the fp32 weight-gradient accumulator is what costs (LLaMA's vocabulary: 65 vs 2097 tokens)."""
-    from parallel.cross_entropy import _chunk_rows
+    from parallel.cross_entropy import chunk_rows
 
-    assert _chunk_rows(32000, torch.device("cpu")) == 65
-    assert _chunk_rows(32000, torch.device("cuda")) == 2097
-    assert _chunk_rows(16000, torch.device("cuda")) == 4194  # a TP=2 shard: twice the tokens
-    assert _chunk_rows(1 << 30, torch.device("cpu")) == 1  # never zero
+    assert chunk_rows(32000, torch.device("cpu")) == 65
+    assert chunk_rows(32000, torch.device("cuda")) == 2097
+    assert chunk_rows(16000, torch.device("cuda")) == 4194  # a TP=2 shard: twice the tokens
+    assert chunk_rows(1 << 30, torch.device("cpu")) == 1  # never zero

@@ -200,14 +200,14 @@ def fused_loss_bytes(tokens: int, dim: int, local_vocab: int, act_bytes: int, we
 
 
 def loss_bytes(m: ModelConfig, lay: Layout) -> int:
-    """:func:`fused_loss_bytes` of this layout on a GPU (its chunk size: ``CHUNK_ELEMENTS_DEFAULT``).
+    """:func:`fused_loss_bytes` of this layout on a GPU (the loss's own chunk size there).
     Under SP the output layer sees the whole sequence (its input is gathered)."""
-    from parallel.cross_entropy import CHUNK_ELEMENTS_DEFAULT
+    from parallel.cross_entropy import chunk_rows
 
     local_vocab = m.padded_vocab_size(lay.tp) // lay.tp
     a = _act_bytes(lay)
     return fused_loss_bytes(lay.seq_len * lay.micro_batch, m.dim, local_vocab, a, a,
-                            max(1, CHUNK_ELEMENTS_DEFAULT // local_vocab))
+                            chunk_rows(local_vocab, "cuda"))
 
 
 def memory_bytes(m: ModelConfig, lay: Layout) -> dict:
