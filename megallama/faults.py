@@ -147,6 +147,10 @@ class Heartbeat:
         tmp.write_text(json.dumps(dict(rank=self.rank, host=self.host, pid=self.pid, step=step, time=time.time())))
         os.replace(tmp, self.path)
 
+    def others(self) -> bool:
+        """Whether any other rank has written a heartbeat."""
+        return any(f != self.path for f in self.dir.glob("rank-*.json"))
+
     def peers(self) -> str:
         """One phrase per other rank that is gone (same host, dead pid) or silent for long."""
         out, now = [], time.time()
@@ -242,6 +246,9 @@ class StepMonitor:
                 f"then resume")
 
 
+PEER_SETTLE_S = 3.0  # how long a failing rank waits for a dying peer to be seen gone (launchers allow more)
+
+
 def report_failure(run_dir: str, exc: BaseException) -> None:
     """Print one line naming this rank, the step it failed in, and the peers that are gone.
 
@@ -257,6 +264,12 @@ def report_failure(run_dir: str, exc: BaseException) -> None:
         return
     heartbeat = Heartbeat(run_dir, rank)
     peers = heartbeat.peers()
+    # A peer's sockets close (failing our collective) before the kernel has finished its exit, so
+    # right after the error a dead peer can still look alive: look again for a moment.
+    settle = time.monotonic() + PEER_SETTLE_S
+    while not peers and heartbeat.others() and time.monotonic() < settle:
+        time.sleep(0.1)
+        peers = heartbeat.peers()
     first = str(exc).splitlines()[0] if str(exc) else ""
     say(f"megallama train: rank {rank} failed after step {last} (its last completed step): "
         f"{type(exc).__name__}: {first}" + (f"; {peers}" if peers else ""))

@@ -12,7 +12,9 @@ Faults are injected through ``MEGALLAMA_FAULT`` (read in megallama/faults.py onl
 
 import math
 import re
+import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -93,6 +95,29 @@ def test_dead_rank_takes_the_job_down_naming_it(tmp_path):
     assert r.returncode != 0 and seconds < 60, (seconds, r.stderr[-3000:])
     assert re.search(r"megallama train: rank 0 failed after step 2 \(its last completed step\): .*"
                      r"rank 1 \(pid \d+ on \S+\) is gone after step 2", r.stderr), r.stderr[-3000:]
+
+
+def test_failure_report_names_a_peer_still_exiting(tmp_path, capsys):
+    """A dead peer's sockets close before its exit is complete, so the collective that fails can
+    fail while the peer still looks alive (this read "rank 0 failed ..." without naming rank 1
+    under srun on a loaded machine).  The report looks again for a moment."""
+    from megallama.faults import Heartbeat, report_failure
+
+    Heartbeat(str(tmp_path), 0).beat(2)
+    peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    reaper = threading.Thread(target=peer.wait)  # reaped as soon as it exits: no zombie is left
+    reaper.start()
+    try:
+        gone = Heartbeat(str(tmp_path), 1)
+        gone.pid = peer.pid
+        gone.beat(2)
+        report_failure(str(tmp_path), RuntimeError("Connection reset by peer"))
+    finally:
+        peer.kill()
+        reaper.join()
+    line = capsys.readouterr().err
+    assert re.search(rf"rank 0 failed after step 2 .*; rank 1 \(pid {peer.pid} on \S+\) is gone after step 2",
+                     line), line
 
 
 @pytest.mark.slow
