@@ -31,18 +31,6 @@ def time_call(fn: Callable[[], object], iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def alternate(contenders: dict[str, Callable[[], object]], repeats: int, iters: int,
-              warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each contender, ``repeats`` times, interleaved so load drift hits all alike."""
-    for fn in contenders.values():
-        time_call(fn, warmup)
-    out: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            out[name].append(time_call(fn, iters))
-    return out
-
-
 def median_ratio(a: Sequence[float], b: Sequence[float]) -> float:
     """Median of the per-repeat ratios ``b[i] / a[i]`` (a speed-up of ``a`` when both are times)."""
     return statistics.median(y / x for x, y in zip(a, b))

@@ -17,9 +17,10 @@ synthetic batches, for what the full training loop costs on top of the model.
 The ``kernel floor`` column is what a contender's step would cost if everything but its
 matmuls and attention kernels were free: every such kernel of one step is recorded
 (operator, shapes, strides, a copy of its inputs) and replayed alone, warm, and the
-medians are summed.  ``ceiling`` is the peer's measured step over megallama's floor: the
-largest speed-up over the peer any implementation built on the same torch kernels can
-reach on this machine.
+medians are summed.  The floors are replayed in every repeat, right after the steps, so
+each is measured within seconds of the steps it bounds.  ``ceiling`` is the median over
+repeats of the peer's measured step over megallama's floor: the largest speed-up over the
+peer any implementation built on the same torch kernels can reach on this machine.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from benchmarks._common import alternate, loadavg, median_ratio, print_table  # noqa: E402
+from benchmarks._common import loadavg, median_ratio, print_table, time_call  # noqa: E402
 from megallama.config import Config, preset_config  # noqa: E402
 from megallama.convert import hf_config, ours_to_hf  # noqa: E402
 from megallama.engine import build_optimizer  # noqa: E402
@@ -115,21 +116,27 @@ class _RecordKernels(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def kernel_floor(step, repeats: int = 7) -> float:
-    """Seconds of one ``step()`` spent in its matmul and attention kernels alone: each recorded
-    kernel replayed on copies of its inputs, median of ``repeats`` (after 2 warm-ups) times its count."""
+def record_kernels(step) -> list:
+    """The distinct matmul and attention calls of one ``step()`` (after a warm-up step): for each,
+    ``[func, args, kwargs, count]`` with copies of its inputs."""
     step()
     recorder = _RecordKernels()
     with recorder:
         step()
+    return list(recorder.calls.values())
+
+
+def kernel_floor(calls: list, repeats: int = 3) -> float:
+    """Seconds of one step spent in its matmul and attention kernels alone: each recorded call
+    replayed on copies of its inputs, median of ``repeats`` (after a warm-up) times its count."""
     total = 0.0
-    for func, args, kwargs, count in recorder.calls.values():
+    for func, args, kwargs, count in calls:
         times = []
-        for _ in range(repeats + 2):
+        for _ in range(repeats + 1):
             start = time.perf_counter()
             func(*args, **kwargs)
             times.append(time.perf_counter() - start)
-        total += count * statistics.median(times[2:])
+        total += count * statistics.median(times[1:])
     return total
 
 
@@ -145,12 +152,21 @@ def benchmark_preset(name: str, batch: int, seq_len: int, repeats: int, iters: i
     # the training run's AdamW (groups, torch's fused kernel), built the same way for both
     steps = {"megallama": step_fn(ours, build_optimizer(ours, cfg), ours_loss, batches),
              "hf": step_fn(peer, build_optimizer(peer, cfg), hf_loss, batches)}
-    floors = {who: kernel_floor(step) for who, step in steps.items()}  # eager: compiling keeps the same kernels
+    calls = {who: record_kernels(step) for who, step in steps.items()}  # eager: compiling keeps the same kernels
     if compile_block:
         compile_blocks(ours)  # what train.compile=true does
-    times = alternate(steps, repeats=repeats, iters=iters, warmup=2)
+    # the floors are replayed in every repeat, next to the steps they bound, so that a ceiling
+    # compares a step and a floor measured within seconds of each other on this shared machine
+    for step in steps.values():
+        time_call(step, 2)
+    times = {who: [] for who in [*steps, *(f"floor {who}" for who in calls)]}
+    for _ in range(repeats):
+        for who, step in steps.items():
+            times[who].append(time_call(step, iters))
+        for who, c in calls.items():
+            times[f"floor {who}"].append(kernel_floor(c))
     tokens = batch * seq_len
-    return cfg, tokens, times, floors
+    return cfg, tokens, times
 
 
 def engine_tokens_per_sec(steps: int) -> float:
@@ -204,17 +220,18 @@ def main(argv=None) -> int:
         seq = 256 if name == "demo" else 512
         batch = args.batch or preset_config(name).train.micro_batch_size
         iters = args.iters or (4 if name == "demo" else 1)
-        cfg, tokens, times, floors = in_fresh_process(args.threads, benchmark_preset, name, batch, seq, args.repeats,
+        cfg, tokens, times = in_fresh_process(args.threads, benchmark_preset, name, batch, seq, args.repeats,
                                                       iters, args.compile)
         peak = max(peak, peak_matmul_flops())
         fpt = cfg.model.flops_per_token(seq)
         load = loadavg()
         for who in ("megallama", "hf"):
             tps = tokens / statistics.median(times[who])
-            ceiling = f"{statistics.median(times['hf']) / floors[who]:.2f}" if who == "megallama" else ""
+            floor = statistics.median(times[f"floor {who}"])
+            ceiling = f"{median_ratio(times['floor megallama'], times['hf']):.2f}" if who == "megallama" else ""
             rows.append([name, f"{cfg.model.num_parameters() / 1e6:.1f}M", f"{batch}x{seq}", who,
                          f"{tps:,.0f}", f"{100 * tps * fpt / peak:.1f}%",
-                         f"{median_ratio(times[who], times['hf']):.3f}", f"{1000 * floors[who]:.0f} ms",
+                         f"{median_ratio(times[who], times['hf']):.3f}", f"{1000 * floor:.0f} ms",
                          ceiling, load])
     if "demo" in args.presets and args.engine_steps:
         fpt = preset_config("demo").model.flops_per_token(256)
