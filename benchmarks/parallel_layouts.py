@@ -20,6 +20,11 @@ inside a timing :class:`~parallel.comm_counter.CommCounter`.
   ``stage3_max_reuse_distance`` parameters, which DeepSpeed releases between forward and
   backward) and one reduce-scatter.  A reduce to one rank (ZeRO-1/2's per-partition
   reduction) costs the other ranks their contribution each.
+* **Overlappable**: the share of the collectives' bytes issued with compute left to run
+  behind them: asynchronous collectives (waited for later) and those issued inside a
+  backward before its last parameter gradient was produced (ZeRO's bucketed gradient
+  reductions, which DeepSpeed runs on a side stream on a GPU).  What the layout lets a
+  machine hide; whether it is hidden is the next column.  (Pipeline layouts: "-".)
 * **Hidden**: 1 − (time ranks were blocked in collectives during the step) / (time the
   same collectives take when replayed back to back afterwards).  Asynchronous
   collectives count only the time spent in ``wait()``.
@@ -76,6 +81,7 @@ class TimedCounter(CommCounter):
             work = counted(*args, **kwargs)
             call = self.calls[-1]
             call.group = kwargs.get("group")
+            call.issued = start
             call.blocked = time.perf_counter() - start
             if work is not None and hasattr(work, "wait"):
                 return _TimedWork(work, call)
@@ -155,6 +161,22 @@ def _replay_seconds(calls) -> float:
     return total
 
 
+def _overlappable_bytes(collectives, windows, grad_times) -> tuple[float, float] | None:
+    """(bytes, of all bytes) this rank sent in collectives issued with compute left to overlap:
+    asynchronous ones (the caller computes before it waits: TP/SP backward, ZeRO-3 prefetch) and
+    those issued during a backward before its last parameter gradient was produced (ZeRO's bucketed
+    gradient reductions, which a GPU runs on a side stream).  None where no backward was timed
+    (pipeline layouts)."""
+    if not windows:
+        return None
+    last = [max((t for t in grad_times if a <= t <= b), default=a) for a, b in windows]
+
+    def hideable(c) -> bool:
+        return c.async_op or any(a <= c.issued < g for (a, _), g in zip(windows, last))
+
+    return sum(c.sent for c in collectives if hideable(c)), sum(c.sent for c in collectives)
+
+
 def _state_bytes(engine) -> dict:
     """Parameter, gradient and optimizer bytes this rank holds, each storage counted once.
 
@@ -221,8 +243,25 @@ def _case(rank, world, preset, overrides, steps):
             now = _state_bytes(engine)
             memory = {k: max(v, (memory or now)[k]) for k, v in now.items()}
             engine.step()
+    # when each backward ran and when its parameters' gradients were produced: a collective issued
+    # inside a backward before its last gradient had compute left to hide behind
+    windows, grad_times = [], []
+    if cfg.parallel.pp == 1:
+        backward = engine.backward
+
+        def timed_backward(*args, **kwargs):
+            windows.append([time.perf_counter(), None])
+            out = backward(*args, **kwargs)
+            windows[-1][1] = time.perf_counter()
+            return out
+
+        engine.backward = timed_backward
+        for p in engine.module.parameters():  # a tensor hook runs as the gradient is produced, before
+            p.register_hook(lambda _: grad_times.append(time.perf_counter()))  # DeepSpeed's reduction hooks
     results = []
     for _ in range(steps):
+        windows.clear()
+        grad_times.clear()
         with TimedCounter() as cc:
             start = time.perf_counter()
             run.step()
@@ -230,7 +269,7 @@ def _case(rank, world, preset, overrides, steps):
         calls = [c for c in cc.calls if c.numel > 1]  # scalars (loss, norms) are bookkeeping
         collectives = [c for c in calls if c.op not in P2P]
         results.append(dict(
-            sent=cc.sent_bytes(),
+            sent=cc.sent_bytes(), overlappable=_overlappable_bytes(collectives, windows, grad_times),
             blocked=sum(c.blocked for c in collectives), replay=_replay_seconds(collectives),
             p2p_blocked=sum(c.blocked for c in cc.calls if c.op in P2P), step=elapsed))
     return dict(results=results, memory=memory, gas=gas, stage=run.ctx.pp_rank)
@@ -257,8 +296,14 @@ def main(argv=None) -> int:
         blocked = statistics.median(r["blocked"] for r in out[0]["results"])
         replay = statistics.median(r["replay"] for r in out[0]["results"])
         hidden = f"{100 * max(0.0, 1 - blocked / replay):.0f}%" if replay > 0 else "-"
-        comm_rows.append([name, f"{sent / 2**20:.2f}", f"{minimum / 2**20:.2f}", f"{sent / minimum:.2f}", hidden,
-                          loadavg()])
+        shares = []  # per step, over both ranks (a reduce costs only the ranks it is not for)
+        for step in zip(*(o["results"] for o in out)):
+            parts = [r["overlappable"] for r in step if r["overlappable"] is not None]
+            if parts and sum(t for _, t in parts) > 0:
+                shares.append(sum(h for h, _ in parts) / sum(t for _, t in parts))
+        overlappable = f"{100 * statistics.median(shares):.0f}%" if shares else "-"
+        comm_rows.append([name, f"{sent / 2**20:.2f}", f"{minimum / 2**20:.2f}", f"{sent / minimum:.2f}",
+                          overlappable, hidden, loadavg()])
         if name.startswith("PP"):
             m, pp = gas, 2
             for o in out:
@@ -274,7 +319,7 @@ def main(argv=None) -> int:
                              mib(pl["gradients"]), mib(mem["optimizer"]), mib(pl["optimizer"])])
     print(f"{args.preset}, 2 ranks (gloo, 1 thread each), fp32, global batch 16 (DP: micro-batches of 4, 2 "
           "accumulated per step); MiB per rank per step")
-    print_table(["layout", "sent", "minimum", "ratio", "hidden", "load"], comm_rows)
+    print_table(["layout", "sent", "minimum", "ratio", "overlappable", "hidden", "load"], comm_rows)
     if bubble_rows:
         print()
         print_table(["pipeline", "micro-batches", "idle measured", "(p-1)/(m+p-1)", "load"], bubble_rows)
