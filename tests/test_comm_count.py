@@ -68,13 +68,31 @@ def _zero_step_case(rank, world, stage):
                    world)
     run = synthetic_engine(cfg, world)
     run.step()  # warm-up
+    # per backward: how many calls had been made when it began, and when each gradient was produced
+    # (a tensor hook runs as the gradient is computed, before DeepSpeed's reduction hooks)
+    windows, backward = [], run.engine.backward
+
+    def marked_backward(*args, **kwargs):
+        windows.append((len(cc.calls), []))
+        return backward(*args, **kwargs)
+
+    run.engine.backward = marked_backward
+    for p in run.engine.module.parameters():
+        p.register_hook(lambda _: windows[-1][1].append(len(cc.calls)))
     with CommCounter() as cc:
         run.step()
     by_op: dict = {}
     for c in cc.calls:
         if c.numel > 1:  # scalars (loss, gradient norm) are bookkeeping
             by_op[c.op] = by_op.get(c.op, 0) + c.sent
-    return by_op, run.gas, cfg.model.num_parameters(tp=1) * 4
+    # of each backward's gradient reductions, the bytes issued while gradients were still to come
+    overlapped = []
+    for i, (start, marks) in enumerate(windows):
+        end = windows[i + 1][0] if i + 1 < len(windows) else len(cc.calls)
+        reduces = [(j, c.bytes) for j, c in enumerate(cc.calls[start:end], start) if c.op == "reduce" and c.numel > 1]
+        if reduces:
+            overlapped.append(sum(b for j, b in reduces if j < marks[-1]) / sum(b for _, b in reduces))
+    return by_op, run.gas, cfg.model.num_parameters(tp=1) * 4, overlapped
 
 
 @pytest.mark.parametrize("sp", [False, True])
@@ -106,9 +124,13 @@ def test_zero_sends_the_minimum(stage):
     """ZeRO-1/2 on 2 ranks: each slice of the gradients goes to the rank that owns it, (d-1)/d*N bytes
     per rank, not DeepSpeed's default all-reduce of every bucket (2(d-1)/d*N); ZeRO-2 does that
     after each micro-batch, ZeRO-1 once per step; then the parameters are all-gathered once."""
-    by_op, gas, n = run_ranks(_zero_step_case, 2, stage, timeout=240)[0]
+    by_op, gas, n, overlapped = run_ranks(_zero_step_case, 2, stage, timeout=240)[0]
     assert gas == 2
     reductions = 1 if stage == 1 else gas
     assert set(by_op) == {"reduce", "all_gather"}, by_op
     assert by_op["reduce"] == pytest.approx(reductions * n / 2, rel=1e-3)
     assert by_op["all_gather"] == pytest.approx(n / 2, rel=1e-3)
+    # overlapped with the backward (overlap_comm, buckets of d^2): each reducing backward issues its
+    # reductions from the gradient hooks as buckets fill, all but the last gradients' (the
+    # embedding's: 12% of the tiny model) before the backward has produced its last gradient
+    assert len(overlapped) == reductions and all(share > 0.8 for share in overlapped), overlapped
