@@ -17,8 +17,8 @@ synthetic batches, for what the full training loop costs on top of the model.
 The ``kernel floor`` column is what a contender's step would cost if everything but its
 matmuls and attention kernels were free: every such kernel of one step is recorded
 (operator, shapes, strides, a copy of its inputs) and replayed alone, warm, and the
-medians are summed.  The floors are replayed in every repeat, right after the steps, so
-each is measured within seconds of the steps it bounds.  ``ceiling`` is the median over
+medians are summed.  The floors are replayed in every repeat, each right after its
+contender's steps, so each is measured within seconds of the steps it bounds.  ``ceiling`` is the median over
 repeats of the peer's measured step over megallama's floor: the largest speed-up over the
 peer any implementation built on the same torch kernels can reach on this machine.
 """
@@ -160,11 +160,10 @@ def benchmark_preset(name: str, batch: int, seq_len: int, repeats: int, iters: i
     for step in steps.values():
         time_call(step, 2)
     times = {who: [] for who in [*steps, *(f"floor {who}" for who in calls)]}
-    for _ in range(repeats):
+    for _ in range(repeats):  # each contender's steps, then its floor: each step follows the other's replay
         for who, step in steps.items():
             times[who].append(time_call(step, iters))
-        for who, c in calls.items():
-            times[f"floor {who}"].append(kernel_floor(c))
+            times[f"floor {who}"].append(kernel_floor(calls[who]))
     tokens = batch * seq_len
     return cfg, tokens, times
 
