@@ -1,4 +1,4 @@
-"""Training throughput and MFU in one process: megallama against Hugging Face's LlamaForCausalLM.
+"""Training throughput and MFU, one process each: megallama against Hugging Face's LlamaForCausalLM.
 
     python benchmarks/train_throughput.py [--presets demo llama-100m] [--threads 2]
 
@@ -8,6 +8,14 @@ batches and the same plain PyTorch loop (forward, loss, backward, optimizer step
 zero_grad) in fp32, so the comparison measures the model implementations, not an
 engine.  The contenders alternate step blocks and the table reports medians over
 repeats of tokens/s and of the per-repeat ratio.
+
+Each contender runs in a process of its own, as a training run would, the two taking
+turns (one steps while the other waits).  Until 2026-12-02 both shared one process
+(``--shared``): one heap, so each one's page faults depended on what the other left in it;
+that coupling spared megallama its own faults and cost the peer more (100M preset,
+megallama ~0 MiB a step shared against 0-100 alone; the peer ~200-1,200 MiB in either), and
+read 1.09-1.13 where separate processes read 1.04.  ``faults MiB/step`` is each contender's
+minor page faults per step in its process.
 
 MFU is model FLOP/s (``ModelConfig.flops_per_token``: 6N + 12·L·d·s) over the
 measured peak of a large fp32 matmul with the same threads, taken in the same run.
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -140,32 +149,107 @@ def kernel_floor(calls: list, repeats: int = 3) -> float:
     return total
 
 
-def benchmark_preset(name: str, batch: int, seq_len: int, repeats: int, iters: int, compile_block: bool):
-    cfg = preset_config(name)
-    cfg.train.seq_len = seq_len
-    cfg.model.max_seq_len = max(cfg.model.max_seq_len, seq_len)
-    torch.manual_seed(0)
-    ours = build_model(cfg.model, seed=1234, checkpointing="none").train()
-    peer = hf_model(cfg, ours)
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, cfg.model.vocab_size, (batch, seq_len + 1), generator=gen) for _ in range(4)]
-    # the training run's AdamW (groups, torch's fused kernel), built the same way for both
-    steps = {"megallama": step_fn(ours, build_optimizer(ours, cfg), ours_loss, batches),
-             "hf": step_fn(peer, build_optimizer(peer, cfg), hf_loss, batches)}
-    calls = {who: record_kernels(step) for who, step in steps.items()}  # eager: compiling keeps the same kernels
-    if compile_block:
-        compile_blocks(ours)  # what train.compile=true does
-    # the floors are replayed in every repeat, next to the steps they bound, so that a ceiling
-    # compares a step and a floor measured within seconds of each other on this shared machine
-    for step in steps.values():
-        time_call(step, 2)
-    times = {who: [] for who in [*steps, *(f"floor {who}" for who in calls)]}
-    for _ in range(repeats):  # each contender's steps, then its floor: each step follows the other's replay
-        for who, step in steps.items():
-            times[who].append(time_call(step, iters))
-            times[f"floor {who}"].append(kernel_floor(calls[who]))
-    tokens = batch * seq_len
-    return cfg, tokens, times
+class Contender:
+    """One contender's training step on the preset's shapes (the peer holds our weights,
+    converted), with the kernel calls of one step recorded for its floor."""
+
+    def __init__(self, who: str, name: str, batch: int, seq_len: int, compile_block: bool):
+        cfg = preset_config(name)
+        cfg.train.seq_len = seq_len
+        cfg.model.max_seq_len = max(cfg.model.max_seq_len, seq_len)
+        torch.manual_seed(0)
+        model = build_model(cfg.model, seed=1234, checkpointing="none").train()
+        if who == "hf":
+            model = hf_model(cfg, model)  # ours, built from the same seed, is dropped
+        gen = torch.Generator().manual_seed(0)
+        batches = [torch.randint(0, cfg.model.vocab_size, (batch, seq_len + 1), generator=gen) for _ in range(4)]
+        # the training run's AdamW (groups, torch's fused kernel), built the same way for both
+        self.step = step_fn(model, build_optimizer(model, cfg), ours_loss if who == "megallama" else hf_loss,
+                            batches)
+        self.calls = record_kernels(self.step)  # eager: compiling keeps the same kernels
+        if compile_block and who == "megallama":
+            compile_blocks(model)  # what train.compile=true does
+        time_call(self.step, 2)
+
+    def steps(self, iters: int) -> tuple[float, float]:
+        """Seconds per step over ``iters`` steps, and MiB of page faults per step (this process's)."""
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        seconds = time_call(self.step, iters)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        return seconds, faults * resource.getpagesize() / 2**20 / iters
+
+    def floor(self) -> float:
+        return kernel_floor(self.calls)
+
+
+def _serve(conn, threads: int, *args):
+    """A contender in a process of its own, answering the parent's ``"steps"``/``"floor"`` commands."""
+    torch.set_num_threads(threads)
+    contender = Contender(*args)
+    conn.send("ready")
+    while (cmd := conn.recv()) is not None:
+        conn.send(contender.steps(cmd[1]) if cmd[0] == "steps" else contender.floor())
+
+
+class ContenderProcess:
+    """A :class:`Contender` in a process of its own (one model per heap, as in a training run)."""
+
+    def __init__(self, threads: int, *args):
+        import multiprocessing
+
+        mp = multiprocessing.get_context("spawn")
+        self.conn, child = mp.Pipe()
+        self.proc = mp.Process(target=_serve, args=(child, threads, *args))
+        self.proc.start()
+        assert self.conn.recv() == "ready"
+
+    def steps(self, iters: int) -> tuple[float, float]:
+        self.conn.send(("steps", iters))
+        return self.conn.recv()
+
+    def floor(self) -> float:
+        self.conn.send(("floor",))
+        return self.conn.recv()
+
+    def close(self):
+        self.conn.send(None)
+        self.proc.join()
+
+
+def alternate(contenders: dict, repeats: int, iters: int) -> dict:
+    """Each contender's steps, then its floor, in turn, ``repeats`` times: per contender the seconds
+    per step, the floors (each measured seconds from the steps it bounds) and the page faults."""
+    out = {who: {"step": [], "floor": [], "faults": []} for who in contenders}
+    for _ in range(repeats):
+        for who, c in contenders.items():
+            seconds, faults = c.steps(iters)
+            out[who]["step"].append(seconds)
+            out[who]["faults"].append(faults)
+            out[who]["floor"].append(c.floor())
+    return out
+
+
+def benchmark_shared(threads: int, name: str, batch: int, seq_len: int, repeats: int, iters: int,
+                     compile_block: bool) -> dict:
+    """Both contenders in this process (``--shared``): one heap, so each one's page faults
+    depend on what the other left in it (see the module docstring)."""
+    torch.set_num_threads(threads)
+    contenders = {who: Contender(who, name, batch, seq_len, compile_block) for who in ("megallama", "hf")}
+    return alternate(contenders, repeats, iters)
+
+
+def benchmark_separate(threads: int, name: str, batch: int, seq_len: int, repeats: int, iters: int,
+                       compile_block: bool) -> dict:
+    """Each contender in a process of its own, the two taking turns: one steps while the other
+    waits for its next command (and they are built one after the other)."""
+    contenders = {}
+    try:
+        for who in ("megallama", "hf"):
+            contenders[who] = ContenderProcess(threads, who, name, batch, seq_len, compile_block)
+        return alternate(contenders, repeats, iters)
+    finally:
+        for c in contenders.values():
+            c.close()
 
 
 def engine_tokens_per_sec(steps: int) -> float:
@@ -209,6 +293,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=0, help="steps per timed block (0 = 4 for demo, 1 otherwise)")
     ap.add_argument("--batch", type=int, default=0, help="sequences per step (0 = the preset's micro batch)")
     ap.add_argument("--compile", action="store_true", help="torch.compile megallama's transformer blocks (train.compile)")
+    ap.add_argument("--shared", action="store_true",
+                    help="both contenders in one process (one heap; before 2026-12-02 the only way)")
     ap.add_argument("--engine-steps", type=int, default=12, help="steps of the engine row (0 = skip it)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -219,26 +305,29 @@ def main(argv=None) -> int:
         seq = 256 if name == "demo" else 512
         batch = args.batch or preset_config(name).train.micro_batch_size
         iters = args.iters or (4 if name == "demo" else 1)
-        cfg, tokens, times = in_fresh_process(args.threads, benchmark_preset, name, batch, seq, args.repeats,
-                                                      iters, args.compile)
+        run = (args.threads, name, batch, seq, args.repeats, iters, args.compile)
+        res = in_fresh_process(args.threads, benchmark_shared, *run) if args.shared else benchmark_separate(*run)
         peak = max(peak, peak_matmul_flops())
+        cfg = preset_config(name)
         fpt = cfg.model.flops_per_token(seq)
         load = loadavg()
+        hf_steps = res["hf"]["step"]
         for who in ("megallama", "hf"):
-            tps = tokens / statistics.median(times[who])
-            floor = statistics.median(times[f"floor {who}"])
-            ceiling = f"{median_ratio(times['floor megallama'], times['hf']):.2f}" if who == "megallama" else ""
+            r = res[who]
+            tps = batch * seq / statistics.median(r["step"])
+            ceiling = f"{median_ratio(res['megallama']['floor'], hf_steps):.2f}" if who == "megallama" else ""
             rows.append([name, f"{cfg.model.num_parameters() / 1e6:.1f}M", f"{batch}x{seq}", who,
                          f"{tps:,.0f}", f"{100 * tps * fpt / peak:.1f}%",
-                         f"{median_ratio(times[who], times['hf']):.3f}", f"{1000 * floor:.0f} ms",
-                         ceiling, load])
+                         f"{median_ratio(r['step'], hf_steps):.3f}", f"{1000 * statistics.median(r['floor']):,.0f} ms",
+                         ceiling, f"{statistics.median(r['faults']):,.0f}", load])
     if "demo" in args.presets and args.engine_steps:
         fpt = preset_config("demo").model.flops_per_token(256)
         tps = in_fresh_process(args.threads, engine_tokens_per_sec, args.engine_steps)
         rows.append(["demo", "", "16x256", "megallama train (DeepSpeed)", f"{tps:,.0f}",
-                     f"{100 * tps * fpt / peak:.1f}%", "", "", "", loadavg()])
+                     f"{100 * tps * fpt / peak:.1f}%", "", "", "", "", loadavg()])
     print(f"threads {args.threads} | peak fp32 matmul {peak / 1e9:.1f} GFLOP/s | torch {torch.__version__}")
-    print_table(["preset", "params", "batch", "model", "tokens/s", "MFU", "vs hf", "kernel floor", "ceiling", "load"],
+    print_table(["preset", "params", "batch", "model", "tokens/s", "MFU", "vs hf", "kernel floor", "ceiling",
+                 "faults MiB/step", "load"],
                 rows)
     return 0
 
