@@ -14,7 +14,7 @@ turns (one steps while the other waits).  Until 2026-12-02 both shared one proce
 (``--shared``): one heap, so each one's page faults depended on what the other left in it;
 that coupling spared megallama its own faults and cost the peer more (100M preset,
 megallama ~0 MiB a step shared against 0-100 alone; the peer ~200-1,200 MiB in either), and
-read 1.09-1.13 where separate processes read 1.04.  ``faults MiB/step`` is each contender's
+read 1.05-1.13 where separate processes read 0.99-1.06.  ``faults MiB/step`` is each contender's
 minor page faults per step in its process.
 
 MFU is model FLOP/s (``ModelConfig.flops_per_token``: 6N + 12·L·d·s) over the
