@@ -13,7 +13,7 @@ Each contender runs in a process of its own, as a training run would, the two ta
 turns (one steps while the other waits).  Until 2026-12-02 both shared one process
 (``--shared``): one heap, so each one's page faults depended on what the other left in it;
 that coupling spared megallama its own faults and cost the peer more (100M preset,
-megallama ~0 MiB a step shared against 0-100 alone; the peer ~200-1,200 MiB in either), and
+megallama ~0 MiB a step shared against 20-320 alone; the peer ~150-1,200 MiB in either), and
 read 1.05-1.13 where separate processes read 0.99-1.06.  ``faults MiB/step`` is each contender's
 minor page faults per step in its process.
 
