@@ -26,9 +26,10 @@ The ``kernel floor`` column is what a contender's step would cost if everything 
 matmuls and attention kernels were free: every such kernel of one step is recorded
 (operator, shapes, strides, a copy of its inputs) and replayed alone, warm, and the
 medians are summed.  The floors are replayed in every repeat, each right after its
-contender's steps, so each is measured within seconds of the steps it bounds.  ``ceiling`` is the median over
-repeats of the peer's measured step over megallama's floor: the largest speed-up over the
-peer any implementation built on the same torch kernels can reach on this machine.
+contender's steps, so each is measured within seconds of the steps it bounds.  ``ceiling``
+is the median over repeats of the peer's measured step over megallama's floor: the largest
+speed-up over the peer any implementation built on the same torch kernels can reach on
+this machine.
 """
 
 from __future__ import annotations
@@ -212,7 +213,10 @@ class ContenderProcess:
         return self.conn.recv()
 
     def close(self):
-        self.conn.send(None)
+        try:
+            self.conn.send(None)
+        except OSError:  # the process is gone already (it died): its error was the one raised
+            pass
         self.proc.join()
 
 
@@ -229,11 +233,9 @@ def alternate(contenders: dict, repeats: int, iters: int) -> dict:
     return out
 
 
-def benchmark_shared(threads: int, name: str, batch: int, seq_len: int, repeats: int, iters: int,
-                     compile_block: bool) -> dict:
-    """Both contenders in this process (``--shared``): one heap, so each one's page faults
-    depend on what the other left in it (see the module docstring)."""
-    torch.set_num_threads(threads)
+def benchmark_shared(name: str, batch: int, seq_len: int, repeats: int, iters: int, compile_block: bool) -> dict:
+    """Both contenders in this process (``--shared``; run it in a fresh one): one heap, so each
+    one's page faults depend on what the other left in it (see the module docstring)."""
     contenders = {who: Contender(who, name, batch, seq_len, compile_block) for who in ("megallama", "hf")}
     return alternate(contenders, repeats, iters)
 
@@ -305,8 +307,9 @@ def main(argv=None) -> int:
         seq = 256 if name == "demo" else 512
         batch = args.batch or preset_config(name).train.micro_batch_size
         iters = args.iters or (4 if name == "demo" else 1)
-        run = (args.threads, name, batch, seq, args.repeats, iters, args.compile)
-        res = in_fresh_process(args.threads, benchmark_shared, *run) if args.shared else benchmark_separate(*run)
+        run = (name, batch, seq, args.repeats, iters, args.compile)
+        res = (in_fresh_process(args.threads, benchmark_shared, *run) if args.shared
+               else benchmark_separate(args.threads, *run))
         peak = max(peak, peak_matmul_flops())
         cfg = preset_config(name)
         fpt = cfg.model.flops_per_token(seq)
