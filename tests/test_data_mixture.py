@@ -44,3 +44,17 @@ def test_missing_size_is_a_one_line_error(tmp_path):
     assert r.returncode == 2
     assert r.stderr == (f"megallama mixture: error: source 'web' has no built dataset at '{tmp_path / 'nothing'}.idx' "
                         "and no 'tokens' size; preprocess it or give its size in tokens\n")
+
+
+@pytest.mark.parametrize("weights", [(0, 0), (-1, 2), (1, float("nan"))])
+def test_non_positive_weight_is_a_one_line_error(tmp_path, weights):
+    cfg = tmp_path / "m.yaml"
+    rows = "".join(f"    - {{name: s{i}, path: {tmp_path / f's{i}'}, weight: {w if w == w else '.nan'}, tokens: 1000}}\n"
+                   for i, w in enumerate(weights))
+    cfg.write_text("data:\n  sources:\n" + rows)
+    r = subprocess.run([sys.executable, "-m", "megallama", "mixture", "--config", str(cfg), "--tokens", "1e6"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
+    assert "weight" in r.stderr and "must be a positive number" in r.stderr
+    assert r.stdout == ""

@@ -7,6 +7,7 @@ it exists, otherwise from its ``tokens`` field.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import megallama
@@ -45,6 +46,10 @@ def run(args) -> int:
     cfg = load_config(args.config)
     if not cfg.data.sources:
         raise ConfigError(f"'{args.config}' lists no data.sources; add sources with name, path, weight")
+    for i, s in enumerate(cfg.data.sources):
+        if not (s.weight > 0 and math.isfinite(s.weight)):
+            raise ConfigError(f"data.sources[{i}].weight ({s.name or s.path}) must be a positive number, "
+                              f"got {s.weight}; fix it in '{args.config}'")
     budget = int(args.tokens if args.tokens is not None else cfg.train.tokens)
     if budget <= 0:
         raise ConfigError(f"--tokens must be positive, got {budget}")
