@@ -93,3 +93,12 @@ def test_cli_trains_and_refuses_overwrite(tmp_path):
     assert again.stderr.strip().splitlines() == [
         f"megallama tokenizer: error: '{tmp_path / 'm.model'}' already exists; "
         "pass --force to overwrite it or choose another --output"]
+
+
+def test_vocab_too_large_for_the_text_says_lower_it(tmp_path):
+    with pytest.raises(DataError, match=r"lower --vocab-size to at most \d+") as err:
+        train_tokenizer(["tiny text, few pieces\n"], 5000, str(tmp_path / "big"))
+    assert "raise --vocab-size" not in str(err.value)
+    assert not (tmp_path / "big.model").exists()
+    with pytest.raises(DataError, match="raise --vocab-size"):  # fewer ids than the alphabet needs
+        train_tokenizer(["".join(map(chr, range(0x4e00, 0x4e00 + 400)))], 300, str(tmp_path / "small"))

@@ -15,6 +15,7 @@ import hashlib
 import io
 import os
 import random
+import re
 from pathlib import Path
 from typing import Iterable, Iterator, List, Sequence
 
@@ -133,8 +134,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_prefix: str, s
             input_sentence_size=0, max_sentence_length=4 * CHUNK_CHARS + 16, minloglevel=2,
             num_threads=threads or min(os.cpu_count() or 1, 16), hard_vocab_limit=True, **SETTINGS)
     except RuntimeError as exc:
-        raise DataError(f"SentencePiece could not train a {vocab_size}-piece vocabulary ({str(exc).strip()}); "
-                        "raise --vocab-size or give more text") from None
+        msg = str(exc).strip()
+        most = re.search(r"too high.*?<= *(\d+)", msg)
+        fix = (f"lower --vocab-size to at most {most.group(1)} or give more text" if most
+               else "raise --vocab-size or give more text")
+        raise DataError(f"SentencePiece could not train a {vocab_size}-piece vocabulary ({msg}); {fix}") from None
     model.parent.mkdir(parents=True, exist_ok=True)
     tmp = model.with_name(model.name + f".tmp-{os.getpid()}")
     tmp.write_bytes(buf.getvalue())
