@@ -263,3 +263,14 @@ def test_finetune_demo_lifts_the_heldout_accuracy(tmp_path, tokenizer_path):
     before, after = _accuracy(tmp_path / "before.json"), _accuracy(tmp_path / "after.json")
     print(f"held-out accuracy before finetuning {before:.1%}, after {after:.1%}")
     assert before < 0.7 and after >= 0.95, (before, after)
+
+
+def test_failed_force_run_keeps_the_old_instruction_dataset(tmp_path, tokenizer_path):
+    good = write_jsonl(tmp_path / "good.jsonl", [GOOD, {"prompt": "Is 3 even or odd?", "response": "odd"}])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD, '{"prompt": "hi", "response"'])
+    preprocess_instruct([str(good)], tokenizer_path, str(tmp_path / "out"), seq_len=64)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("out")}
+    with pytest.raises(DataError, match="not valid JSON"):
+        preprocess_instruct([str(bad)], tokenizer_path, str(tmp_path / "out"), seq_len=64, force=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("out")} == before
+    assert len(InstructionSet(str(tmp_path / "out"))) == 2

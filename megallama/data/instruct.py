@@ -193,8 +193,6 @@ def preprocess_instruct(inputs: Sequence[str], tokenizer_path: str, output_prefi
     if manifest.exists() and not force:
         raise DataError(f"'{manifest}' already exists; pass --force to overwrite it or choose another --output-prefix")
     tok = Tokenizer(tokenizer_path)
-    if manifest.exists():  # --force: the old manifest must not vouch for the new files while they are written
-        manifest.unlink()
     limit, start = seq_len + 1, time.perf_counter()
     writers = [IndexedDatasetWriter(output_prefix, tok.vocab_size, tok.fingerprint, force=force),
                IndexedDatasetWriter(output_prefix + ".mask", 2, tok.fingerprint, force=force)]
@@ -222,6 +220,10 @@ def preprocess_instruct(inputs: Sequence[str], tokenizer_path: str, output_prefi
         if not origins:
             raise DataError(f"the inputs {', '.join(map(str, inputs))} hold no usable examples; "
                             "pass non-empty JSONL files")
+        # --force: the old manifest must not vouch for the new files while they replace the old ones,
+        # but a run that fails before this point (a bad line) leaves the old dataset whole
+        if manifest.exists():
+            manifest.unlink()
         for w in writers:
             w.finish()
     except BaseException:
