@@ -306,3 +306,28 @@ def test_parallel_tokenization_reads_ahead_only_a_bounded_window():
         assert [next(results) for _ in range(5)] == [0, 1, 2, 3, 4]
         assert len(consumed) <= 8  # not the whole input (Pool.imap would drain it)
         assert list(results) == list(range(5, 1000))
+
+
+@pytest.mark.parametrize("command, option", [
+    ("tokenizer", "--output"), ("curate", "--output"), ("preprocess", "--output-prefix"),
+    ("preprocess-instruct", "--output-prefix"), ("curate", "--report")])
+def test_output_under_a_file_is_a_one_line_error(corpus, tmp_path, capsys, command, option):
+    from megallama.cli import main
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"text": corpus["texts"][0], "prompt": "p", "response": "r"}) + "\n")
+    args = {"tokenizer": ["--vocab-size", "400"], "curate": ["--source", "books"],
+            "preprocess": ["--tokenizer", corpus["tok"]],
+            "preprocess-instruct": ["--tokenizer", corpus["tok"], "--seq-len", "4096"]}[command]
+    outputs = {o: str(tmp_path / "out" / "o") for o in ("--output", "--output-prefix")}
+    outputs = {o: v for o, v in outputs.items() if o in ("--output" if command in ("tokenizer", "curate")
+                                                          else "--output-prefix",)}
+    outputs[option] = str(blocker / "o")
+    argv = [command, "--input", str(src), *args, *[x for kv in outputs.items() for x in kv]]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"megallama {command}: error: cannot write {option} "), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "in.jsonl"]

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from megallama.data.curate import SOURCES, CurateConfig, Curator
-from megallama.data.sources import ReadStats, add_input_arguments, documents_from_args
+from megallama.data.sources import ReadStats, add_input_arguments, documents_from_args, output_error
 from megallama.errors import DataError
 
 
@@ -30,13 +30,21 @@ def run(args) -> int:
     out = Path(args.output)
     if out.exists() and not args.force:
         raise DataError(f"'{out}' already exists; pass --force to overwrite it or choose another --output")
+    report_path = Path(args.report) if args.report else None
+    if report_path is not None and (report_path.is_dir() or not report_path.parent.is_dir()):
+        raise output_error(report_path, "--report", "it is a directory" if report_path.is_dir()
+                           else "its directory does not exist")
     curator = Curator(CurateConfig(source=args.source, near_dup_threshold=args.near_dup_threshold))
     stats = ReadStats()
     texts = (d.text for d in documents_from_args(args, stats))
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}" + (".gz" if out.name.endswith(".gz") else ""))
     try:
-        with _open_out(tmp) as f:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        f = _open_out(tmp)
+    except OSError as exc:
+        raise output_error(out, "--output", exc) from None
+    try:
+        with f:
             for text in curator.run(texts):
                 f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
         os.replace(tmp, out)
@@ -47,8 +55,12 @@ def run(args) -> int:
     print(f"curated {args.source} text into {out}" + (f" (skipped {stats.skipped} malformed lines)" if stats.skipped else ""))
     print(report.table())
     if args.report:
-        Path(args.report).write_text(json.dumps(dict(documents_in=report.documents_in, documents_out=report.documents_out,
-                                                     bytes_in=report.bytes_in, bytes_out=report.bytes_out,
-                                                     headers_stripped=report.headers_stripped,
-                                                     removed=dict(report.removed)), indent=1) + "\n")
+        try:
+            Path(args.report).write_text(json.dumps(dict(documents_in=report.documents_in,
+                                                         documents_out=report.documents_out,
+                                                         bytes_in=report.bytes_in, bytes_out=report.bytes_out,
+                                                         headers_stripped=report.headers_stripped,
+                                                         removed=dict(report.removed)), indent=1) + "\n")
+        except OSError as exc:
+            raise output_error(args.report, "--report", exc) from None
     return 0

@@ -28,6 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
+from megallama.data.sources import output_error
 from megallama.errors import DataError
 
 MAGIC = b"MLLMIDX\0"
@@ -74,14 +75,22 @@ class IndexedDatasetWriter:
         for p in (self.bin_path, self.idx_path):
             if p.exists() and not force:
                 raise DataError(f"'{p}' already exists; pass --force to overwrite it or choose another --output-prefix")
-        self.bin_path.parent.mkdir(parents=True, exist_ok=True)
         self.dtype = dtype_for_vocab(vocab_size)
         self.vocab_size, self.fingerprint = int(vocab_size), fingerprint
         tag = f".tmp-{os.getpid()}"
         self._bin_tmp = self.bin_path.with_name(self.bin_path.name + tag)
         self._off_tmp = self.idx_path.with_name(self.idx_path.name + tag + ".offsets")
-        self._bin = open(self._bin_tmp, "wb")
-        self._off = open(self._off_tmp, "wb")
+        try:
+            self.bin_path.parent.mkdir(parents=True, exist_ok=True)
+            self._bin = open(self._bin_tmp, "wb")
+        except OSError as exc:
+            raise output_error(self.prefix, "--output-prefix", exc) from None
+        try:
+            self._off = open(self._off_tmp, "wb")
+        except OSError as exc:
+            self._bin.close()
+            os.unlink(self._bin_tmp)
+            raise output_error(self.prefix, "--output-prefix", exc) from None
         self.num_docs = 0
         self.num_tokens = 0
         self._off.write(np.zeros(1, np.uint64).tobytes())

@@ -131,6 +131,15 @@ def iter_documents(paths: Iterable[str], text_key: str = "text", on_error: str =
             raise DataError(f"cannot read '{path}' ({exc}); check the file (a truncated .gz?) or drop it") from None
 
 
+def output_error(path, option: str, exc) -> DataError:
+    """The one-line error for an output that cannot be created (a parent that is a file, no permission...)."""
+    if isinstance(exc, (FileExistsError, NotADirectoryError)):
+        reason = "a parent of it is a file, not a directory"
+    else:
+        reason = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
+    return DataError(f"cannot write {option} '{path}' ({reason}); choose a {option} in a writable directory")
+
+
 def input_bytes(paths: Iterable[Path]) -> int:
     """Total on-disk size of the input files (for progress percentages)."""
     return sum(os.path.getsize(p) for p in paths)

@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Iterator, List, Sequence
 
+from megallama.data.sources import output_error
 from megallama.errors import DataError
 
 SETTINGS = dict(
@@ -139,9 +140,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_prefix: str, s
         fix = (f"lower --vocab-size to at most {most.group(1)} or give more text" if most
                else "raise --vocab-size or give more text")
         raise DataError(f"SentencePiece could not train a {vocab_size}-piece vocabulary ({msg}); {fix}") from None
-    model.parent.mkdir(parents=True, exist_ok=True)
     tmp = model.with_name(model.name + f".tmp-{os.getpid()}")
-    tmp.write_bytes(buf.getvalue())
+    try:
+        model.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(buf.getvalue())
+    except OSError as exc:
+        raise output_error(output_prefix, "--output", exc) from None
     tok = Tokenizer(str(tmp))
     vocab_lines = "".join(f"{tok.id_to_piece(i)}\t{i}\n" for i in range(tok.vocab_size))
     _atomic_write_text(vocab, vocab_lines)
