@@ -280,6 +280,10 @@ def test_default_corpus_built_once_under_concurrency(tmp_path):
     (lambda d: d / "missing.jsonl", "input '{p}' does not exist; pass existing files or directories to --input"),
     (lambda d: (d / "empty.jsonl").write_text("\n") and d / "empty.jsonl",
      "the inputs {p} hold no documents; pass non-empty files (and the right --text-key for .jsonl)"),
+    (lambda d: (d / "empty.txt").write_text("") or d / "empty.txt",
+     "the inputs {p} hold no documents; pass non-empty files (and the right --text-key for .jsonl)"),
+    (lambda d: (d / "blank.jsonl").write_text('{"text": ""}\n{"text": ""}\n') and d / "blank.jsonl",
+     "the inputs {p} hold no documents; pass non-empty files (and the right --text-key for .jsonl)"),
 ])
 def test_missing_or_empty_inputs_exit_2(corpus, tmp_path, make, message):
     p = make(tmp_path)
@@ -331,3 +335,12 @@ def test_output_under_a_file_is_a_one_line_error(corpus, tmp_path, capsys, comma
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"megallama {command}: error: cannot write {option} "), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "in.jsonl"]
+
+
+def test_empty_documents_are_left_out_and_counted(corpus, tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["", corpus["texts"][0], "", "x"]))
+    report = preprocess([str(src)], corpus["tok"], str(tmp_path / "o"))
+    ds, tok = IndexedDataset(str(tmp_path / "o")), Tokenizer(corpus["tok"])
+    assert (report.documents, report.empty, ds.num_docs) == (2, 2, 2) and "left out 2 empty documents" in report.line()
+    assert tok.decode(ds.document(0)[:-1]) == corpus["texts"][0] and ds.lengths.min() > 1

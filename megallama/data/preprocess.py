@@ -3,7 +3,8 @@
 Documents stream from :mod:`megallama.data.sources` in batches; a pool encodes
 the batches and ``imap`` hands them back *in input order*, so the output of N
 workers is byte-identical to the output of one.  EOS is appended to every
-document.  Files appear only when complete (see :class:`IndexedDatasetWriter`).
+document; empty documents (an empty file, ``{"text": ""}``) are left out.
+Files appear only when complete (see :class:`IndexedDatasetWriter`).
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ class PreprocessReport:
     text_bytes: int
     skipped: int
     seconds: float
+    empty: int = 0  # documents with no text, left out (an EOS-only document teaches nothing)
 
     def line(self) -> str:
         s = max(self.seconds, 1e-9)
         return (f"{self.documents:,} documents, {self.tokens:,} tokens, {self.text_bytes / 1e6:.1f} MB in {s:.1f}s "
                 f"({self.documents / s:,.0f} docs/s, {self.tokens / s:,.0f} tokens/s, {self.text_bytes / 1e6 / s:.2f} MB/s)"
-                + (f"; skipped {self.skipped} malformed lines" if self.skipped else ""))
+                + (f"; skipped {self.skipped} malformed lines" if self.skipped else "")
+                + (f"; left out {self.empty} empty documents" if self.empty else ""))
 
 
 class Progress:
@@ -113,7 +116,17 @@ def preprocess(inputs: Sequence[str], tokenizer_path: str, output_prefix: str, w
         raise DataError(f"--workers must be >= 1, got {workers}")
     tok = Tokenizer(tokenizer_path)
     stats = ReadStats()
-    texts = (d.text for d in iter_documents(inputs, text_key, on_error, stats, suffixes))
+    empty = 0
+
+    def nonempty(docs):
+        nonlocal empty
+        for d in docs:
+            if d.text:
+                yield d.text
+            else:
+                empty += 1
+
+    texts = nonempty(iter_documents(inputs, text_key, on_error, stats, suffixes))
     writer = IndexedDatasetWriter(output_prefix, tok.vocab_size, tok.fingerprint, force=force)
     bar = Progress(progress)
     start = time.perf_counter()
@@ -142,4 +155,4 @@ def preprocess(inputs: Sequence[str], tokenizer_path: str, output_prefix: str, w
             pool.terminate()
     bar.update(writer.num_docs, writer.num_tokens, nbytes, final=True)
     return PreprocessReport(writer.num_docs, writer.num_tokens, nbytes, stats.skipped,
-                            time.perf_counter() - start)
+                            time.perf_counter() - start, empty)
