@@ -344,3 +344,12 @@ def test_empty_documents_are_left_out_and_counted(corpus, tmp_path):
     ds, tok = IndexedDataset(str(tmp_path / "o")), Tokenizer(corpus["tok"])
     assert (report.documents, report.empty, ds.num_docs) == (2, 2, 2) and "left out 2 empty documents" in report.line()
     assert tok.decode(ds.document(0)[:-1]) == corpus["texts"][0] and ds.lengths.min() > 1
+
+
+@pytest.mark.parametrize("instruction", [False, True])
+@pytest.mark.parametrize("weight", ["0", "-1", ".inf", ".nan"])
+def test_non_positive_or_infinite_weight_is_refused(corpus, tmp_path, weight, instruction):
+    cfg = _cfg(tmp_path, f"data.sources=[{{path: {corpus['prefix']}, weight: {weight}}}, {{path: {corpus['prefix']}}}]",
+               f"data.tokenizer={corpus['tok']}", "model.vocab_size=640", f"data.instruction={str(instruction).lower()}")
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].weight must be positive"):
+        build_datasets(cfg)

@@ -351,7 +351,7 @@ def split_instruct_batch(batch):
 def build_instruct_datasets(cfg):
     """Train/valid :class:`InstructDataset` of ``data.sources`` (blended by weight), as a DataBundle."""
     from megallama.data.gpt_dataset import BlendedDataset
-    from megallama.data.pipeline import SPLITS, DataBundle, SourcePlan, split_documents
+    from megallama.data.pipeline import SPLITS, DataBundle, SourcePlan, check_sources, split_documents
 
     d, t = cfg.data, cfg.train
     if not d.sources or not d.tokenizer:
@@ -359,6 +359,7 @@ def build_instruct_datasets(cfg):
                           "and data.tokenizer (the .model they were made with)")
     if not 0 <= d.valid_fraction < 1:
         raise ConfigError(f"data.valid_fraction must be in [0, 1), got {d.valid_fraction}")
+    check_sources(d.sources, "megallama preprocess-instruct")
     tok = Tokenizer(d.tokenizer)
     if cfg.model.vocab_size < tok.vocab_size:
         raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the vocabulary of "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 import sysconfig
 import time
@@ -138,15 +139,20 @@ def split_documents(num_docs: int, valid_fraction: float, prefix: str) -> tuple[
     return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
 
 
+def check_sources(sources: Sequence[DataSource], writer: str = "megallama preprocess") -> None:
+    """Every source names a dataset and has a positive, finite sampling weight."""
+    for i, s in enumerate(sources):
+        if not s.path:
+            raise ConfigError(f"data.sources[{i}].path is empty; set it to a PREFIX written by `{writer}`")
+        if not (s.weight > 0 and math.isfinite(s.weight)):
+            raise ConfigError(f"data.sources[{i}].weight must be positive, got {s.weight}")
+
+
 def _check_config(cfg) -> None:
     d = cfg.data
     if not 0 <= d.valid_fraction < 1:
         raise ConfigError(f"data.valid_fraction must be in [0, 1), got {d.valid_fraction}")
-    for i, s in enumerate(d.sources):
-        if not s.path:
-            raise ConfigError(f"data.sources[{i}].path is empty; set it to a PREFIX written by `megallama preprocess`")
-        if not s.weight > 0:
-            raise ConfigError(f"data.sources[{i}].weight must be positive, got {s.weight}")
+    check_sources(d.sources)
     if d.sources and not d.tokenizer:
         raise ConfigError("data.tokenizer is empty but data.sources is set; set it to the .model file "
                           "the sources were preprocessed with")
