@@ -353,3 +353,22 @@ def test_non_positive_or_infinite_weight_is_refused(corpus, tmp_path, weight, in
                f"data.tokenizer={corpus['tok']}", "model.vocab_size=640", f"data.instruction={str(instruction).lower()}")
     with pytest.raises(ConfigError, match=r"data.sources\[0\].weight must be positive"):
         build_datasets(cfg)
+
+
+@pytest.mark.parametrize("command", ["preprocess", "curate", "tokenizer"])
+def test_lone_surrogate_escape_is_a_malformed_line(corpus, tmp_path, capsys, command):
+    from megallama.cli import main
+
+    bad = tmp_path / "bad.jsonl"  # valid JSON, but "\ud800" is half an emoji: no UTF-8, no tokenizer takes it
+    bad.write_text('{"text": "fine \\ud83e\\udd99"}\n{"text": "cut \\ud800 off"}\n')
+    out = {"preprocess": ["--tokenizer", corpus["tok"], "--output-prefix"], "curate": ["--source", "books", "--output"],
+           "tokenizer": ["--vocab-size", "300", "--output"]}[command] + [str(tmp_path / "out")]
+    capsys.readouterr()
+    assert main([command, "--input", str(bad), *out]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"megallama {command}: error: {bad}:2: field 'text' holds a lone surrogate \\ud800 at character 4, "
+        "not valid Unicode; fix that line or pass --on-error skip to skip and count it"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+    if command == "preprocess":
+        report = preprocess([str(bad)], corpus["tok"], str(tmp_path / "out"), on_error="skip")
+        assert (report.documents, report.skipped) == (1, 1)

@@ -169,7 +169,9 @@ GOOD = {"prompt": "Is 4 even or odd?", "response": "even"}
      "messages[1]: expected the 'assistant' turn"),
     (json.dumps({"prompt": "Is 4 even or odd? " * 20, "response": "even"}),
      "example is %d tokens, longer than --seq-len + 1 = 65"),
-], ids=["missing", "empty", "json", "no-response", "empty-turn", "alternation", "too-long"])
+    ('{"prompt": "cut \\udc00 off", "response": "even"}',
+     "field 'prompt' holds a lone surrogate \\udc00 at character 4, not valid Unicode"),
+], ids=["missing", "empty", "json", "no-response", "empty-turn", "alternation", "too-long", "surrogate"])
 def test_bad_instruction_data_fails_in_one_line_naming_file_and_line(tmp_path, tok, tokenizer_path, bad, message):
     data = write_jsonl(tmp_path / "bad.jsonl", [GOOD, bad])
     if "%d" in message:

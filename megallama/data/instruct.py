@@ -35,7 +35,7 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 
 from megallama.data.indexed import IndexedDataset, IndexedDatasetWriter
-from megallama.data.sources import _open_binary, expand_inputs
+from megallama.data.sources import _open_binary, expand_inputs, unicode_problem
 from megallama.data.tokenizer import Tokenizer
 from megallama.errors import ConfigError, DataError
 
@@ -98,6 +98,9 @@ def _need_text(obj: dict, key: str, where: str, allow_empty: bool = False, respo
     value = obj[key]
     if not isinstance(value, str):
         raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    problem = unicode_problem(value)
+    if problem:
+        raise DataError(f"{where}: field '{key}' holds {problem}; fix or remove that line")
     if not allow_empty and not value.strip():
         what = "response" if response else f"field '{key}'"
         raise DataError(f"{where}: empty {what}; give it text or drop the line")

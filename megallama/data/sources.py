@@ -75,6 +75,16 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
+def unicode_problem(text: str) -> str:
+    """'' for text that is valid Unicode, else what is wrong: JSON can escape a lone surrogate
+    (``"\\ud800"``, a cut-off emoji in scraped text) that no UTF-8 encoder or tokenizer accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"a lone surrogate \\u{ord(text[exc.start]):04x} at character {exc.start}, not valid Unicode"
+    return ""
+
+
 def _bad(msg: str, on_error: str, stats: ReadStats, where: str) -> None:
     if on_error == "fail":
         raise DataError(f"{where}: {msg}; fix that line or pass --on-error skip to skip and count it")
@@ -95,6 +105,10 @@ def _jsonl_documents(path: Path, text_key: str, on_error: str, stats: ReadStats)
             text = obj.get(text_key) if isinstance(obj, dict) else None
             if not isinstance(text, str):
                 _bad(f"no string field '{text_key}' (choose the field with --text-key)", on_error, stats, where)
+                continue
+            problem = unicode_problem(text)
+            if problem:
+                _bad(f"field '{text_key}' holds {problem}", on_error, stats, where)
                 continue
             stats.documents += 1
             stats.bytes += len(raw)
