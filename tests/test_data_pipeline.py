@@ -372,3 +372,25 @@ def test_lone_surrogate_escape_is_a_malformed_line(corpus, tmp_path, capsys, com
     if command == "preprocess":
         report = preprocess([str(bad)], corpus["tok"], str(tmp_path / "out"), on_error="skip")
         assert (report.documents, report.skipped) == (1, 1)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+@pytest.mark.parametrize("command", ["preprocess", "preprocess-instruct"])
+def test_damaged_gzip_input_is_a_one_line_error(corpus, tmp_path, capsys, damage, command):
+    from megallama.cli import main
+
+    rows = "".join(json.dumps({"text": f"row {i} " * 40, "prompt": "p", "response": "r"}) + "\n" for i in range(500))
+    blob = bytearray(gzip.compress(rows.encode()))
+    if damage == "truncated":
+        blob = blob[:len(blob) // 2]
+    else:
+        blob[12:30] = bytes(range(200, 218))  # the first deflate block header: zlib.error
+    src = tmp_path / "d.jsonl.gz"
+    src.write_bytes(bytes(blob))
+    extra = ["--seq-len", "512"] if command == "preprocess-instruct" else []
+    capsys.readouterr()
+    status = main([command, "--input", str(src), "--tokenizer", corpus["tok"], "--output-prefix",
+                   str(tmp_path / "o"), *extra])
+    err = capsys.readouterr().err.splitlines()
+    assert status == 2 and len(err) == 1 and err[0].startswith(f"megallama {command}: error: cannot read '{src}'"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl.gz"]

@@ -35,7 +35,7 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 
 from megallama.data.indexed import IndexedDataset, IndexedDatasetWriter
-from megallama.data.sources import _open_binary, expand_inputs, unicode_problem
+from megallama.data.sources import READ_ERRORS, _open_binary, expand_inputs, unicode_problem
 from megallama.data.tokenizer import Tokenizer
 from megallama.errors import ConfigError, DataError
 
@@ -156,8 +156,8 @@ def iter_examples(paths: Sequence[str]) -> Iterator[tuple[List[dict], str, int, 
                     except (json.JSONDecodeError, UnicodeDecodeError):
                         raise DataError(f"{where}: not valid JSON; fix or remove that line") from None
                     yield parse_example(obj, where), str(path), lineno, fi
-        except OSError as exc:
-            raise DataError(f"cannot read '{path}' ({exc}); check the file") from None
+        except READ_ERRORS as exc:
+            raise DataError(f"cannot read '{path}' ({exc}); check the file (a truncated .gz?) or drop it") from None
 
 
 # ----------------------------------------------------------------------------- tokenizing

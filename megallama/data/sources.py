@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, List, Sequence
@@ -22,6 +23,8 @@ from megallama.errors import DataError
 # Other suffixes (source code: .py, .c, ...) are read as whole-file text documents when asked for.
 TEXT_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
 ON_ERROR = ("skip", "fail")
+# What reading a damaged input raises: a truncated .gz is an EOFError, a corrupt one a zlib.error
+READ_ERRORS = (OSError, EOFError, gzip.BadGzipFile, zlib.error)
 
 
 @dataclass
@@ -141,7 +144,7 @@ def iter_documents(paths: Iterable[str], text_key: str = "text", on_error: str =
                 yield from _jsonl_documents(path, text_key, on_error, stats)
             else:
                 yield from _text_document(path, on_error, stats)
-        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        except READ_ERRORS as exc:
             raise DataError(f"cannot read '{path}' ({exc}); check the file (a truncated .gz?) or drop it") from None
 
 
