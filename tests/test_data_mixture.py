@@ -58,3 +58,11 @@ def test_non_positive_weight_is_a_one_line_error(tmp_path, weights):
     assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
     assert "weight" in r.stderr and "must be a positive number" in r.stderr
     assert r.stdout == ""
+
+
+@pytest.mark.parametrize("tokens", ["nan", "inf", "0", "-5"])
+def test_bad_token_budget_is_a_one_line_error(tokens):
+    r = subprocess.run([sys.executable, "-m", "megallama", "mixture", "--tokens", tokens], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("megallama mixture: error: --tokens must be a positive number of tokens, got ")
+    assert len(r.stderr.splitlines()) == 1

@@ -50,9 +50,10 @@ def run(args) -> int:
         if not (s.weight > 0 and math.isfinite(s.weight)):
             raise ConfigError(f"data.sources[{i}].weight ({s.name or s.path}) must be a positive number, "
                               f"got {s.weight}; fix it in '{args.config}'")
-    budget = int(args.tokens if args.tokens is not None else cfg.train.tokens)
-    if budget <= 0:
-        raise ConfigError(f"--tokens must be positive, got {budget}")
+    raw = args.tokens if args.tokens is not None else cfg.train.tokens
+    if not math.isfinite(raw) or int(raw) <= 0:
+        raise ConfigError(f"--tokens must be a positive number of tokens, got {raw}")
+    budget = int(raw)
     print(f"mixture of {len(cfg.data.sources)} sources for {budget:,} training tokens ({args.config})")
     print(format_plan(plan_mixture(cfg.data.sources, budget)))
     return 0
