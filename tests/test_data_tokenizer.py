@@ -102,3 +102,10 @@ def test_vocab_too_large_for_the_text_says_lower_it(tmp_path):
     assert not (tmp_path / "big.model").exists()
     with pytest.raises(DataError, match="raise --vocab-size"):  # fewer ids than the alphabet needs
         train_tokenizer(["".join(map(chr, range(0x4e00, 0x4e00 + 400)))], 300, str(tmp_path / "small"))
+
+
+@pytest.mark.parametrize("mb", [float("nan"), float("inf"), 0.0, -1.0])
+def test_bad_sample_size_is_refused(tmp_path, mb):
+    with pytest.raises(DataError, match="--sample-mb must be a positive number of megabytes"):
+        train_tokenizer(_texts(TRAIN_FILES[:2]), 400, str(tmp_path / "t"), sample_mb=mb)
+    assert not list(tmp_path.iterdir())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import random
 import re
@@ -125,6 +126,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_prefix: str, s
     if vocab_size <= NUM_BYTE_PIECES + NUM_SPECIAL:
         raise DataError(f"--vocab-size {vocab_size} is too small: byte fallback alone needs "
                         f"{NUM_BYTE_PIECES + NUM_SPECIAL} ids; use at least 512")
+    if not (sample_mb > 0 and math.isfinite(sample_mb)):
+        raise DataError(f"--sample-mb must be a positive number of megabytes, got {sample_mb}")
     sample = sample_chunks(texts, int(sample_mb * 1e6), seed)
     if not any(s.strip() for s in sample):
         raise DataError("the tokenizer inputs hold no text; pass non-empty files to --input")
