@@ -101,3 +101,11 @@ def test_cli_report_and_refusals(tmp_path):
     assert (report["documents_in"], report["documents_out"]) == (4, 2)
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 2 and again.stderr.count("\n") == 1 and "already exists; pass --force" in again.stderr
+    # an existing report is kept too: a new output with the old --report is refused before curating
+    out2 = tmp_path / "out2.jsonl"
+    before = rep.read_text()
+    again = subprocess.run(cmd[:7] + [str(out2)] + cmd[8:], capture_output=True, text=True)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "rep.json' already exists" in again.stderr
+    assert rep.read_text() == before and not out2.exists()
+    forced = subprocess.run(cmd[:7] + [str(out2)] + cmd[8:] + ["--force"], capture_output=True, text=True)
+    assert forced.returncode == 0 and out2.exists(), forced.stderr

@@ -31,6 +31,8 @@ def run(args) -> int:
     if out.exists() and not args.force:
         raise DataError(f"'{out}' already exists; pass --force to overwrite it or choose another --output")
     report_path = Path(args.report) if args.report else None
+    if report_path is not None and report_path.is_file() and not args.force:
+        raise DataError(f"'{report_path}' already exists; pass --force to overwrite it or choose another --report")
     if report_path is not None and (report_path.is_dir() or not report_path.parent.is_dir()):
         raise output_error(report_path, "--report", "it is a directory" if report_path.is_dir()
                            else "its directory does not exist")

@@ -123,8 +123,10 @@ def blend_pattern(weights: Sequence[float], period: int = BLEND_PERIOD) -> tuple
     """One period of the blend: which dataset serves each slot, and that dataset's running count.
 
     Dataset ``d`` gets slots at the ideal times ``(k + 0.5) / w_d``; merging these
-    sequences gives every prefix within one sample of its exact share (no sampling
-    noise at all).  The pattern repeats every ``period`` samples, so a blend of any
+    sequences gives every prefix within ``0.5 + D * w_d / 2`` samples of dataset ``d``'s
+    exact share among ``D`` datasets (no sampling noise at all): each count is
+    ``floor(w_d t + 0.5)`` at the prefix's last time ``t``, and the D roundings move
+    ``t`` at most ``D / 2`` from the prefix length.  The pattern repeats every ``period`` samples, so a blend of any
     length needs O(period) memory.
     """
     w = np.asarray(weights, np.float64)
