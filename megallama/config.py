@@ -368,6 +368,12 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         need(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
     need(m.dim % m.n_heads == 0, f"model.dim ({m.dim}) must be divisible by model.n_heads ({m.n_heads})")
     need(m.head_dim % 2 == 0, f"model.dim / model.n_heads = {m.head_dim} must be even for rotary embeddings")
+    need(m.n_kv_heads is None or m.n_kv_heads > 0,
+         f"model.n_kv_heads must be positive (or null for n_heads), got {m.n_kv_heads}")
+    need(m.ffn_dim_multiplier is None or m.ffn_dim_multiplier > 0,
+         f"model.ffn_dim_multiplier must be positive (or null for LLaMA's 2/3*4d), got {m.ffn_dim_multiplier}")
+    for name in ("norm_eps", "rope_theta", "init_std"):
+        need(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
     need(m.n_heads % m.kv_heads == 0,
          f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.kv_heads})")
     for name in ("tp", "pp"):
@@ -404,6 +410,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     need(t.seq_len <= m.max_seq_len,
          f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); lower seq_len or raise max_seq_len")
     need(t.micro_batch_size > 0, f"train.micro_batch_size must be positive, got {t.micro_batch_size}")
+    need(t.global_batch_size > 0, f"train.global_batch_size must be positive, got {t.global_batch_size}")
     need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
          f"train.global_batch_size ({t.global_batch_size}) must be divisible by micro_batch_size*dp "
          f"= {t.micro_batch_size}*{dp}; adjust the batch sizes")
@@ -421,7 +428,14 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
     need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
+    need(o.eps > 0, f"optim.eps must be positive, got {o.eps}")
+    need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
     need(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables), got {o.grad_clip}")
+    need(t.log_interval >= 1, f"train.log_interval must be >= 1 (steps between progress lines), got {t.log_interval}")
+    need(t.eval_interval >= 0, f"train.eval_interval must be >= 0 (0 = no periodic validation), got {t.eval_interval}")
+    need(t.eval_iters >= 1, f"train.eval_iters must be >= 1 (validation batches per evaluation), got {t.eval_iters}")
+    need(t.task_eval_interval >= 0 and t.task_eval_limit >= 0,
+         "train.task_eval_interval and train.task_eval_limit must be >= 0")
     need(t.keep_last >= 1, f"train.keep_last must be >= 1, got {t.keep_last}")
     need(t.save_interval >= -1, f"train.save_interval must be >= 0 (0 = only at the end) or -1 (never), "
                                 f"got {t.save_interval}")
@@ -429,6 +443,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         need(t.task_eval_interval > 0, "train.eval_tasks needs train.task_eval_interval > 0 (steps between evaluations)")
         need(p.pp == 1, "train.eval_tasks needs parallel.pp=1 (tasks are scored on the whole model); "
              "evaluate pipeline runs with `megallama eval` on their checkpoints")
+    need(t.device_peak_flops >= 0, f"train.device_peak_flops must be >= 0 (0 = looked up or measured), "
+                                   f"got {t.device_peak_flops}")
     need(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     need(t.collective_timeout_s > 0, f"train.collective_timeout_s must be positive, got {t.collective_timeout_s}")
     return cfg

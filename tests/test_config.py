@@ -70,3 +70,28 @@ def test_cli_lists_subcommands_and_strips_local_rank():
     assert r.returncode == 0 and "train" in r.stdout and "presets" in r.stdout
     r = _cli("--local_rank=0", "show-model", "--preset", "tiny")
     assert r.returncode == 0 and '"parameters": 279104' in r.stdout
+
+
+# Values that used to pass validation and then crashed the run with a traceback (or, like
+# eval_iters=0 and eval_interval<0, silently logged nan / validated at every step).
+NON_POSITIVE = [
+    ("train.global_batch_size=0", "train.global_batch_size must be positive"),
+    ("train.global_batch_size=-8", "train.global_batch_size must be positive"),
+    ("model.n_kv_heads=-2", "model.n_kv_heads must be positive"),
+    ("model.ffn_dim_multiplier=-1", "model.ffn_dim_multiplier must be positive"),
+    ("model.norm_eps=-1", "model.norm_eps must be positive"),
+    ("model.rope_theta=0", "model.rope_theta must be positive"),
+    ("model.init_std=-0.02", "model.init_std must be positive"),
+    ("train.log_interval=0", "train.log_interval must be >= 1"),
+    ("train.eval_interval=-1", "train.eval_interval must be >= 0"),
+    ("train.eval_iters=0", "train.eval_iters must be >= 1"),
+    ("optim.eps=0", "optim.eps must be positive"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+    ("train.device_peak_flops=-1", "train.device_peak_flops must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("override,message", NON_POSITIVE, ids=[o for o, _ in NON_POSITIVE])
+def test_non_positive_sizes_and_intervals_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        validate(load_config(None, [override], preset="tiny"), 1)
