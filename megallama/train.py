@@ -87,7 +87,13 @@ def check_environment(cfg: Config) -> None:
         raise ConfigError(f"train.run_dir '{run_dir}' holds files but no checkpoint to resume ({', '.join(foreign[:3])}); "
                           "choose a new train.run_dir (--set train.run_dir=...) or remove it")
     if ckpt is not None:  # resuming: the checkpoint must fit this config
-        check_compatible(read_meta(ckpt), cfg, ckpt)
+        meta = read_meta(ckpt)
+        check_compatible(meta, cfg, ckpt)
+        consumed, batch = meta.get("consumed_samples", 0), cfg.train.global_batch_size
+        if not is_weights_only(meta) and consumed % batch:
+            raise ConfigError(f"checkpoint '{ckpt}' has consumed {consumed:,} samples, not a whole number of "
+                              f"train.global_batch_size={batch} batches; resume with a global batch size "
+                              f"dividing {consumed} (it was {meta['config']['train']['global_batch_size']})")
     elif cfg.train.init_from:
         check_init_from(cfg)
     check_inputs(cfg)
@@ -271,7 +277,7 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
                                    ctx.dp_rank, ctx.dp_size), dev)
 
     params = canonical_parameters(engine, cfg)
-    start_step, ckpt = 0, latest_checkpoint(t.run_dir)
+    start_step, start_consumed, ckpt = 0, 0, latest_checkpoint(t.run_dir)
     if ckpt is not None and is_weights_only(read_meta(ckpt)):
         # weights only (import-hf/import-meta, reshard --weights-only): initialise from them and
         # train from step 0 with a fresh optimizer and data stream
@@ -280,7 +286,8 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
             print(f"initialised from the weights of {ckpt} (no optimizer state: starting at step 0)", flush=True)
     elif ckpt is not None:
         meta = load_checkpoint(engine, params, cfg, ctx, ckpt)
-        start_step = meta["step"]
+        # the data position is the checkpoint's, not step * global batch: the batch size may change
+        start_step, start_consumed = meta["step"], meta["consumed_samples"]
         if rank0:
             print(f"resumed from {ckpt} (step {start_step}, {meta['consumed_samples']:,} samples consumed)",
                   flush=True)
@@ -289,13 +296,14 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
     # created after loading: a refused checkpoint leaves the run directory exactly as it was
     monitor = StepMonitor(t.run_dir, dist.get_rank(), t.max_bad_steps, t.collective_timeout_s)
     monitor.faults.attach(engine.module, monitor)
-    batches = stream(data.train, start_step * t.global_batch_size)
+    batches = stream(data.train, start_consumed)
     tokenizer = getattr(data, "tokenizer", None)
 
     def save(step: int) -> None:
         if t.save_interval < 0:  # -1: a benchmark or smoke run that keeps no checkpoint
             return
-        path = save_checkpoint(engine, params, cfg, ctx, step, step * t.global_batch_size, tokenizer)
+        consumed = start_consumed + (step - start_step) * t.global_batch_size
+        path = save_checkpoint(engine, params, cfg, ctx, step, consumed, tokenizer)
         if rank0:
             print(f"saved checkpoint {path}", flush=True)
 

@@ -158,6 +158,25 @@ def test_mismatched_config_is_a_one_line_error(reference, tmp_path, override, ex
     assert snapshot(run_dir) == before
 
 
+def test_resume_with_another_global_batch_keeps_the_data_position(tmp_path):
+    """The data position is the checkpoint's consumed samples, not step x the *new* global batch:
+    2 steps of 8 sequences, then 1 step of 4 consumed 20 samples (it used to replay samples 8-11
+    and record 12, less than the checkpoint it resumed from).  A batch that does not divide the
+    consumed samples is a one-line error that leaves the run directory as it was."""
+    run_dir = tmp_path / "run"
+    r = megallama(*train_args(run_dir, "train.steps=2"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    before = snapshot(run_dir)
+    r = megallama(*train_args(run_dir, "train.steps=3", "train.global_batch_size=12", "train.micro_batch_size=2"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "consumed 16 samples" in r.stderr and "train.global_batch_size=12" in r.stderr
+    assert snapshot(run_dir) == before
+    r = megallama(*train_args(run_dir, "train.steps=3", "train.global_batch_size=4"))
+    assert r.returncode == 0 and "16 samples consumed" in r.stdout, r.stderr[-2000:]
+    meta = json.loads((run_dir / "checkpoints" / "step_00000003" / "meta.json").read_text())
+    assert meta["step"] == 3 and meta["consumed_samples"] == 2 * 8 + 4
+
+
 # ----------------------------------------------------------------------------- ZeRO stages
 
 @pytest.mark.slow
