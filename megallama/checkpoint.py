@@ -117,6 +117,10 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     return path
 
 
+# what every reader of meta.json indexes without a default
+META_KEYS = {"step": int, "consumed_samples": int, "layout": dict, "config": dict, "stage_of": dict, "files": dict}
+
+
 def read_meta(ckpt: str | Path) -> dict:
     path = Path(ckpt) / "meta.json"
     if not path.is_file():
@@ -126,9 +130,15 @@ def read_meta(ckpt: str | Path) -> dict:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError:
         raise CheckpointError(f"'{path}' is corrupt (not JSON); restore it or use an earlier checkpoint") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"'{path}' is corrupt (not a JSON object); restore it or use an earlier checkpoint")
     if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
         raise CheckpointError(f"'{path}' has format {meta.get('format')} v{meta.get('version')}; "
                               f"this megallama reads {FORMAT} v{VERSION}")
+    missing = [k for k in META_KEYS if not isinstance(meta.get(k), META_KEYS[k])]
+    if missing:
+        raise CheckpointError(f"'{path}' is corrupt (its '{missing[0]}' is missing or malformed); "
+                              "restore it or use an earlier checkpoint")
     return meta
 
 

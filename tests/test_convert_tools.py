@@ -200,6 +200,20 @@ def _hf_corrupt(d):
     return ["import-hf", str(d)], "model.safetensors' is truncated or corrupt"
 
 
+def _hf_no_hidden_size(d):
+    c = json.loads((d / "config.json").read_text())
+    del c["hidden_size"]
+    (d / "config.json").write_text(json.dumps(c))
+    return ["import-hf", str(d)], "config.json' has no integer 'hidden_size'"
+
+
+def _meta_no_dim(d):
+    p = json.loads((d / "params.json").read_text())
+    del p["dim"]
+    (d / "params.json").write_text(json.dumps(p))
+    return ["import-meta", str(d)], "params.json' has no integer 'dim'"
+
+
 def _meta_missing_shard(d):
     (d / "consolidated.00.pth").unlink()
     return ["import-meta", str(d)], "consolidated.00.pth' is missing"
@@ -224,8 +238,9 @@ def _meta_pickle_code(d):
 
 @pytest.mark.parametrize("damage", [pytest.param(_hf_rope_scaling, marks=pytest.mark.slow), _hf_corrupt,
                                     pytest.param(_meta_missing_shard, marks=pytest.mark.slow), _meta_other_shape,
-                                    _meta_pickle_code],
-                         ids=["hf-rope-scaling", "hf-corrupt", "meta-missing-shard", "meta-shape", "meta-pickle"])
+                                    _meta_pickle_code, _hf_no_hidden_size, _meta_no_dim],
+                         ids=["hf-rope-scaling", "hf-corrupt", "meta-missing-shard", "meta-shape", "meta-pickle",
+                              "hf-no-hidden-size", "meta-no-dim"])
 def test_bad_sources_are_one_line_errors(model_ckpt, tmp_path, damage):
     from tools.hf import export_hf
     from tools.meta import export_meta
@@ -249,3 +264,17 @@ def test_reshard_refuses_bad_layout_and_existing_output(model_ckpt, tmp_path):
     r = megallama("reshard", "--checkpoint", str(ckpt), "--tp", "1", "--pp", "1", "--output", str(tmp_path / "o"))
     assert r.returncode == 2 and "already exists" in r.stderr
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["keep"]
+
+
+@pytest.mark.parametrize("edit", [lambda m: [], lambda m: {k: v for k, v in m.items() if k != "files"},
+                                  lambda m: {**m, "stage_of": None}], ids=["not-an-object", "no-files", "bad-stage-of"])
+def test_malformed_meta_json_is_a_one_line_error(model_ckpt, tmp_path, edit):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(model_ckpt[0].parent.parent, src)
+    meta = src / "checkpoints" / model_ckpt[0].name / "meta.json"
+    meta.write_text(json.dumps(edit(json.loads(meta.read_text()))))
+    r = megallama("reshard", "--checkpoint", str(src), "--tp", "1", "--pp", "1", "--output", str(tmp_path / "o"))
+    assert r.returncode == 2 and "meta.json' is corrupt" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

@@ -129,6 +129,13 @@ def model_config_from_hf(path: Path) -> ModelConfig:
     except (OSError, json.JSONDecodeError):
         raise CheckpointError(f"'{path}' is missing or not JSON; pass a Hugging Face model directory") from None
 
+    if not isinstance(c, dict):
+        raise CheckpointError(f"'{path}' is not a JSON object; pass a Hugging Face model directory")
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        if not isinstance(c.get(key), int) or isinstance(c.get(key), bool):
+            raise CheckpointError(f"'{path}' has no integer '{key}'; pass the config.json of a Hugging Face "
+                                  "LLaMA model")
+
     def refuse(cond: bool, what: str) -> None:
         if cond:
             raise CheckpointError(f"'{path}': {what} is not supported by megallama's LLaMA; "

@@ -52,6 +52,11 @@ def model_config_from_params(path: Path, vocab_rows: int) -> ModelConfig:
         p = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         raise CheckpointError(f"'{path}' is missing or not JSON; pass a Meta LLaMA release directory") from None
+    if not isinstance(p, dict):
+        raise CheckpointError(f"'{path}' is not a JSON object; pass a Meta LLaMA release directory")
+    for key in ("dim", "n_layers", "n_heads"):
+        if not isinstance(p.get(key), int) or isinstance(p.get(key), bool):
+            raise CheckpointError(f"'{path}' has no integer '{key}'; pass the params.json of a Meta LLaMA release")
     if p.get("use_scaled_rope"):
         raise CheckpointError(f"'{path}': use_scaled_rope (Llama 3.1 rope scaling) is not supported; "
                               "convert a plain LLaMA model")
