@@ -370,6 +370,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def new_tmp_dir(out: Path) -> Path:
+    """A new, empty directory next to ``out`` to build it in, then rename: its name is unique, so
+    no file of the user's (say a directory called ``OUT.tmp``) is ever removed or written into."""
+    for attempt in range(1000):
+        tmp = out.with_name(f".{out.name}.{os.getpid()}-{attempt}.tmp")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()  # fails if it exists: nothing of anyone else's is reused
+            return tmp
+        except FileExistsError:
+            if not out.parent.is_dir():
+                break
+        except OSError as exc:
+            raise CheckpointError(f"cannot create output '{out}' ({exc.strerror}); choose another path") from None
+    raise CheckpointError(f"cannot create output '{out}' (its parent is not a directory); choose another path")
+
+
 def _save_tensors(tensors: dict, path: Path) -> dict:
     from safetensors.torch import save
 
@@ -601,9 +618,7 @@ def write_checkpoint(out: str | Path, cfg: Config, weights: dict[str, torch.Tens
         raise CheckpointError(f"weights hold {len(extra)} parameters the configured model lacks, e.g. "
                               f"'{extra[0]}'; the source is of another model shape")
     stage_of = stage_assignment(cfg.model, pp, cfg.parallel.pipeline_partition)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = new_tmp_dir(out)
     files = {}
     for t in range(tp):
         for s in range(pp):
@@ -647,8 +662,7 @@ def write_run_checkpoint(run_dir: str | Path, cfg: Config, weights: dict[str, to
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise CheckpointError(f"output '{run_dir}' already exists; choose a new path or remove it")
     cfg = replace(cfg, train=replace(cfg.train, run_dir=str(run_dir)))
-    tmp = run_dir.with_name(run_dir.name + ".tmp")  # the whole run dir appears at once, or not at all
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = new_tmp_dir(run_dir)  # the whole run dir appears at once, or not at all
     try:
         (tmp / "checkpoints").mkdir(parents=True)
         final = write_checkpoint(tmp / "checkpoints" / step_name(step), cfg, weights, moments, step,

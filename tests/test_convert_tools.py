@@ -278,3 +278,35 @@ def test_malformed_meta_json_is_a_one_line_error(model_ckpt, tmp_path, edit):
     r = megallama("reshard", "--checkpoint", str(src), "--tp", "1", "--pp", "1", "--output", str(tmp_path / "o"))
     assert r.returncode == 2 and "meta.json' is corrupt" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_offline_tools_never_touch_a_users_dot_tmp_directory(model_ckpt, tmp_path):
+    """Outputs are built under a unique temporary name: a directory of the user's called
+    OUT.tmp next to the output used to be deleted (reshard, import-*, export-*)."""
+    ckpt, _ = model_ckpt
+    tools = ("reshard", "export-hf", "export-meta")
+    for tool in tools:
+        out = tmp_path / tool
+        mine = tmp_path / f"{tool}.tmp"
+        mine.mkdir()
+        (mine / "notes.txt").write_text("mine")
+        extra = ["--tp", "1", "--pp", "1"] if tool == "reshard" else []
+        r = megallama(tool, "--checkpoint", str(ckpt), *extra, "--output", str(out))
+        assert r.returncode == 0, r.stderr
+        assert (mine / "notes.txt").read_text() == "mine" and out.is_dir(), tool
+    # nothing else is left behind (the temporary directories were renamed into the outputs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for t in tools for n in (t, f"{t}.tmp"))
+
+
+@pytest.mark.parametrize("tool", ["export-hf", "export-meta"])
+def test_export_with_force_refuses_to_replace_its_own_source(model_ckpt, tmp_path, tool):
+    import shutil
+
+    src = tmp_path / "run"
+    shutil.copytree(model_ckpt[0].parent.parent, src)
+    before = snapshot(src)
+    for out in (src, src / "checkpoints" / model_ckpt[0].name):
+        r = megallama(tool, "--checkpoint", str(src), "--output", str(out), "--force")
+        assert r.returncode == 2 and "holds the source checkpoint" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert snapshot(src) == before

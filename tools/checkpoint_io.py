@@ -65,7 +65,14 @@ def commit_directory(tmp: Path, out: Path) -> None:
 
 
 def fresh_tmp(out: Path) -> Path:
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
+    from megallama.checkpoint import new_tmp_dir
+
+    return new_tmp_dir(out)
+
+
+def check_not_source(out: Path, source: Path) -> None:
+    """``--force`` replaces the output: refuse an output that is (or holds) the checkpoint read."""
+    out, source = Path(out).resolve(), Path(source).resolve()
+    if out == source or out in source.parents:
+        raise CheckpointError(f"output '{out}' holds the source checkpoint '{source}'; --force would delete it, "
+                              "choose another --output")

@@ -22,8 +22,8 @@ from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, write_run_che
 from megallama.config import ModelConfig
 from megallama.convert import hf_config, hf_to_ours, ours_to_hf
 from megallama.errors import CheckpointError
-from tools.checkpoint_io import (add_layout_arguments, check_new_output, commit_directory, ffn_settings,
-                                 fresh_tmp, imported_config)
+from tools.checkpoint_io import (add_layout_arguments, check_new_output, check_not_source, commit_directory,
+                                 ffn_settings, fresh_tmp, imported_config)
 
 # ----------------------------------------------------------------------------- export
 
@@ -70,6 +70,7 @@ def _tokenizer_files(tok_path: Path) -> dict[str, dict]:
 def export_hf(src, out, max_shard_mb: float = 5000.0, force: bool = False) -> Path:
     out = check_new_output(out, force)
     reader = CheckpointReader(src)
+    check_not_source(out, reader.path)
     model_cfg: ModelConfig = reader.config.model
     tensors = ours_to_hf(reader.state_dict(), model_cfg)
     tok = reader.path / TOKENIZER_FILE

@@ -23,7 +23,8 @@ from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, write_run_che
 from megallama.config import ModelConfig
 from megallama.convert import meta_to_ours, ours_to_meta
 from megallama.errors import CheckpointError
-from tools.checkpoint_io import add_layout_arguments, check_new_output, commit_directory, fresh_tmp, imported_config
+from tools.checkpoint_io import (add_layout_arguments, check_new_output, check_not_source, commit_directory,
+                                 fresh_tmp, imported_config)
 
 # suffix of a Meta parameter name -> dimension its model-parallel shards are concatenated on
 # (None: replicated, every shard holds the full tensor)
@@ -162,6 +163,7 @@ def export_meta(src, out, mp: int = 1, force: bool = False) -> Path:
     if mp < 1:
         raise CheckpointError(f"--mp must be >= 1, got {mp}")
     reader = CheckpointReader(src)
+    check_not_source(out, reader.path)
     model_cfg = reader.config.model
     shards = split_for_mp(ours_to_meta(reader.state_dict(), model_cfg), mp)
     tmp = fresh_tmp(out)
