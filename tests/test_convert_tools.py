@@ -262,7 +262,8 @@ def test_reshard_refuses_bad_layout_and_existing_output(model_ckpt, tmp_path):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "keep").write_text("x")
     r = megallama("reshard", "--checkpoint", str(ckpt), "--tp", "1", "--pp", "1", "--output", str(tmp_path / "o"))
-    assert r.returncode == 2 and "already exists" in r.stderr
+    # reshard has no --force: the fix it names must be one the user can apply
+    assert r.returncode == 2 and "already exists; choose a new path or remove it" in r.stderr, r.stderr
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["keep"]
 
 

@@ -49,11 +49,13 @@ def imported_config(model: ModelConfig, tp: int, pp: int) -> Config:
     return validate(cfg, tp * pp)
 
 
-def check_new_output(path: str | Path, force: bool = False) -> Path:
+def check_new_output(path: str | Path, force: Optional[bool] = None) -> Path:
+    """Refuse an existing output unless ``force``; ``force=None``: the tool has no ``--force``."""
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         if not force:
-            raise CheckpointError(f"output '{path}' already exists; choose a new path or pass --force")
+            how = "choose a new path or remove it" if force is None else "choose a new path or pass --force"
+            raise CheckpointError(f"output '{path}' already exists; {how}")
     return path
 
 
