@@ -62,10 +62,10 @@ def check_init_from(cfg: Config) -> None:
         _check_tokenizer(meta, ckpt, Tokenizer(cfg.data.tokenizer).fingerprint)
 
 
-def _check_tokenizer(meta: dict, ckpt: Path, fingerprint) -> None:
+def _check_tokenizer(meta: dict, ckpt: Path, fingerprint, what: str = "--init-from") -> None:
     theirs = meta.get("tokenizer_fingerprint")
     if theirs and fingerprint and theirs != fingerprint:
-        raise CheckpointError(f"--init-from '{ckpt}' was trained with another tokenizer (fingerprint {theirs}) "
+        raise CheckpointError(f"{what} '{ckpt}' was trained with another tokenizer (fingerprint {theirs}) "
                               f"than data.tokenizer (fingerprint {fingerprint}); preprocess the data with the "
                               "checkpoint's tokenizer.model")
 

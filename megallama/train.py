@@ -30,7 +30,8 @@ from megallama.engine import WarmupCosine, build_optimizer, deepspeed_config
 from megallama.energy import EnergyMeter, write_summary as write_energy_summary
 from megallama.errors import ConfigError, UserError, say
 from megallama.faults import EXIT_HALTED, StepMonitor, TrainingHalted, guard_nonfinite_steps, report_failure
-from megallama.finetune import add_finetune_arguments, check_init_from, finetune_config, init_weights_from
+from megallama.finetune import (_check_tokenizer, add_finetune_arguments, check_init_from, finetune_config,
+                                 init_weights_from)
 from megallama.kernels import describe as describe_kernels
 from megallama.metrics import Progress, peak_flops_per_device
 from megallama.preflight import check_inputs
@@ -94,6 +95,10 @@ def check_environment(cfg: Config) -> None:
             raise ConfigError(f"checkpoint '{ckpt}' has consumed {consumed:,} samples, not a whole number of "
                               f"train.global_batch_size={batch} batches; resume with a global batch size "
                               f"dividing {consumed} (it was {meta['config']['train']['global_batch_size']})")
+        if cfg.data.tokenizer:  # resuming onto data of another tokenizer would train on other token ids
+            from megallama.data.tokenizer import Tokenizer
+
+            _check_tokenizer(meta, ckpt, Tokenizer(cfg.data.tokenizer).fingerprint, what="checkpoint")
     elif cfg.train.init_from:
         check_init_from(cfg)
     check_inputs(cfg)

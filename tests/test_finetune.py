@@ -226,6 +226,29 @@ def test_init_from_refuses_another_model_shape_or_tokenizer_before_starting(tmp_
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
+def test_resume_refuses_data_of_another_tokenizer_before_starting(tmp_path, tokenizer_path):
+    """Resuming a run whose checkpoint was trained with another tokenizer than data.tokenizer
+    (same vocabulary size, other token ids) used to continue silently on mismatched ids."""
+    import torch
+
+    from megallama.checkpoint import MOMENTS, write_run_checkpoint
+    from megallama.config import load_config
+    from megallama.model import build_model
+
+    cfg = load_config(None, [], preset="tiny")
+    weights = build_model(cfg.model).state_dict()
+    moments = {f"{n}/{k}": torch.zeros_like(w) for n, w in weights.items() for k in MOMENTS}
+    run_dir = tmp_path / "run"
+    write_run_checkpoint(run_dir, cfg, weights, moments, step=2, consumed_samples=16,
+                         extra_meta={"tokenizer_fingerprint": "0123456789abcdef"})
+    before = sorted(str(p) for p in run_dir.rglob("*"))
+    r = cli("train", "--preset", "tiny", "--set", f"train.run_dir={run_dir}", "--set", f"data.tokenizer={tokenizer_path}",
+            "--set", f"data.sources=[{{path: {tmp_path / 'data'}}}]")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "was trained with another tokenizer (fingerprint 0123456789abcdef)" in r.stderr, r.stderr
+    assert sorted(str(p) for p in run_dir.rglob("*")) == before
+
+
 # ----------------------------------------------------------------------------- the shipped example, end to end
 
 def _accuracy(results_json):
