@@ -137,7 +137,9 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
 
 
 def lr_at(step: int, cfg: Config) -> float:
-    """Linear warmup to the peak, then cosine decay to ``min_lr_ratio`` x peak at the last step."""
+    """The rate of update ``step`` (from 0): linear warmup to the peak, then cosine decay reaching
+    ``min_lr_ratio`` x peak at ``step == total_steps``, one past the last update (as Megatron's
+    scheduler and Hugging Face's cosine schedule do)."""
     o, total = cfg.optim, cfg.train.total_steps()
     warmup = min(o.warmup_steps, total)
     if step < warmup:

@@ -373,8 +373,11 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
 
     save(total_steps)
 
-    summary = Summary(params=cfg.model.num_parameters(), tokens=total_steps * tokens_per_step,
-                      flops=float(total_steps * tokens_per_step * flops_per_token), steps=total_steps,
+    # the run's whole count: the checkpoint's position plus this session's steps (the global batch may
+    # have changed at a resume)
+    tokens = (start_consumed + (total_steps - start_step) * t.global_batch_size) * t.seq_len
+    summary = Summary(params=cfg.model.num_parameters(), tokens=tokens,
+                      flops=float(tokens * flops_per_token), steps=total_steps,
                       final_train_loss=losses[-1], final_valid_loss=valid_loss,
                       tokens_per_sec=progress.mean_tokens_per_sec(), mfu=progress.mean_mfu(),
                       data_wait_fraction=wait_total / max(time_total, 1e-9), losses=losses,

@@ -175,6 +175,9 @@ def test_resume_with_another_global_batch_keeps_the_data_position(tmp_path):
     assert r.returncode == 0 and "16 samples consumed" in r.stdout, r.stderr[-2000:]
     meta = json.loads((run_dir / "checkpoints" / "step_00000003" / "meta.json").read_text())
     assert meta["step"] == 3 and meta["consumed_samples"] == 2 * 8 + 4
+    summary = json.loads((run_dir / "summary.json").read_text())  # the run's totals count the same samples
+    seq = meta["config"]["train"]["seq_len"]
+    assert summary["tokens"] == (2 * 8 + 4) * seq
 
 
 # ----------------------------------------------------------------------------- ZeRO stages
