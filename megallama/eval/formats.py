@@ -330,16 +330,22 @@ def mbpp(path: str) -> list[Example]:
 
 
 def crows_pairs(path: str) -> list[Example]:
-    """CrowS-Pairs: crows_pairs_anonymized.csv with sent_more, sent_less, stereo_antistereo, bias_type."""
+    """CrowS-Pairs: crows_pairs_anonymized.csv with sent_more, sent_less, stereo_antistereo, bias_type.
+
+    ``sent_more`` is the more stereotypical sentence in both directions (``stereo``: it demonstrates
+    a stereotype; ``antistereo``: ``sent_less`` violates one), so, as in the benchmark's own metric
+    (Nangia et al. 2020, and lm-evaluation-harness), the score is how often ``sent_more`` is the more
+    likely sentence.  ``stereo_antistereo`` is kept in ``extra``.
+    """
     if not os.path.isfile(path):
         raise DataError(f"{path} not found; pass crows_pairs_anonymized.csv")
     out = []
     with open(path, newline="", encoding="utf-8") as f:
         for n, r in enumerate(csv.DictReader(f), 1):
             more, less = _field(r, "sent_more", path, n), _field(r, "sent_less", path, n)
-            stereo_first = _field(r, "stereo_antistereo", path, n).strip() == "stereo"
-            stereo, anti = (more, less) if stereo_first else (less, more)
-            out.append(Example("pair", choices=[stereo, anti], gold=0, group=_field(r, "bias_type", path, n)))
+            direction = _field(r, "stereo_antistereo", path, n).strip()
+            out.append(Example("pair", choices=[more, less], gold=0, group=_field(r, "bias_type", path, n),
+                               extra={"direction": direction}))
     return out
 
 
