@@ -161,3 +161,22 @@ def test_markdown_and_tensorboard_logging(lm, tmp_path):
     with pytest.raises(Exception, match="already exists"):
         harness.write_results(results, str(out), {})
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("piqa", '{"goal": "g"}\n', "missing field 'sol1'"),
+    ("arc_easy", '{"question": {"stem": "s"}, "answerKey": "A"}\n', "missing field 'choices'"),
+    ("winogrande", '{"sentence": "a _ b", "option1": "x", "answer": "1"}\n', "missing field 'option2'"),
+    ("naturalquestions", '{"question": "q", "answer": []}\n', "not a valid naturalquestions file"),
+    ("triviaqa", '{"question": "q"}\n', "not a valid triviaqa file"),
+    ("hellaswag", '{"ctx_b": "x", "endings": ["a"], "label": 3}\n', "not a valid hellaswag file"),
+    ("choice", '{"context": "c", "choices": ["a", "b"], "gold": -1}\n', "answer index -1 but 2 choices"),
+    ("truthfulqa_mc", "[]", "has no truthfulqa_mc examples"),
+])
+def test_malformed_task_records_are_one_line_errors(ckpt, tmp_path, name, content, message):
+    path = tmp_path / ("task.json" if name == "truthfulqa_mc" else "task.jsonl")
+    path.write_text(content)
+    if name == "piqa":
+        (tmp_path / "task-labels.lst").write_text("0\n")
+    r = cli("eval", "--checkpoint", ckpt, "--task", f"{name}={path}")
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -69,7 +69,21 @@ def load_examples(spec: TaskSpec, fmt: Format, path: str, what: str) -> list[Exa
         path = fmt.default_path()
     if not os.path.exists(path):
         raise DataError(f"{path} not found (the {what} file of {spec.name})")
-    return fmt.reader(path)
+    try:
+        examples = fmt.reader(path)
+    except UserError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:  # a record of another layout
+        detail = f"missing field {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise DataError(f"{path}: not a valid {spec.name} file ({detail}); see docs/eval.md for the layout "
+                        f"each task reads") from None
+    if not examples:
+        raise DataError(f"{path} has no {spec.name} examples; pass the benchmark file as published")
+    for n, e in enumerate(examples, 1):
+        if e.kind in ("choice", "pair") and not 0 <= e.gold < len(e.choices):
+            raise DataError(f"{path}: example {n} has answer index {e.gold} but {len(e.choices)} choices; "
+                            f"check its label")
+    return examples
 
 
 def fewshot_prefix(example: Example, pool: list[Example], k: int, sep: str, rng_seed: int) -> str:
