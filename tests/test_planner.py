@@ -163,6 +163,11 @@ def test_cli_hardware_file_adds_a_gpu(tmp_path):
     (("--preset", "llama-65b", "--gpus", "8", "--search"), "no layout"),
     (("--preset", "llama-7b", "--gpus", "8", "--hardware", "/nonexistent.yaml"), "hardware file"),
     (("--preset", "llama-7b", "--gpus", "8", "--calibrate-step-time", "-1"), "must be positive"),
+    (("--preset", "llama-7b", "--gpus", "8", "--tp", "0"), "--tp must be >= 1"),
+    (("--preset", "llama-7b", "--gpus", "8", "--pp", "0"), "--pp must be >= 1"),
+    (("--preset", "llama-7b", "--gpus", "8", "--tp", "0", "--calibrate-step-time", "2"), "--tp must be >= 1"),
+    (("--preset", "llama-7b", "--gpus", "8", "--tokens", "-5"), "--tokens must be a positive"),
+    (("--preset", "llama-7b", "--gpus", "8", "--search", "--top", "-1"), "--top must be >= 1"),
 ])
 def test_cli_errors_exit_2(args, needle):
     r = megallama("plan", *args)

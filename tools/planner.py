@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Optional
@@ -328,6 +329,9 @@ def check_layout(cfg: Config, lay: Layout) -> None:
         raise ConfigError(f"--gpus must be >= 1, got {lay.gpus}")
     if lay.checkpointing not in CHECKPOINTING:
         raise ConfigError(f"--checkpointing must be one of {', '.join(CHECKPOINTING)}, got '{lay.checkpointing}'")
+    for flag, value in (("--tp", lay.tp), ("--pp", lay.pp)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
     if lay.gpus % (lay.tp * lay.pp):
         raise ConfigError(f"--gpus {lay.gpus} is not divisible by tp*pp = {lay.tp * lay.pp}; change --tp/--pp")
     c = replace(cfg, parallel=replace(cfg.parallel, tp=lay.tp, pp=lay.pp, dp=0, zero_stage=lay.zero_stage,
@@ -457,6 +461,10 @@ def run(args) -> int:
     cfg = load_config(args.config, preset=args.preset)
     gpu = gpu_spec(args.gpu, load_gpu_specs(args.hardware))
     lay = _layout_from_args(cfg, args)
+    if args.tokens is not None and not (args.tokens >= 1 and math.isfinite(args.tokens)):
+        raise UserError(f"--tokens must be a positive token budget (e.g. 1.4e12), got {args.tokens:g}")
+    if args.top < 1:
+        raise UserError(f"--top must be >= 1, got {args.top}")
     tokens = None if args.tokens is None else int(args.tokens)
     eff = None
     if args.calibrate_step_time is not None and args.calibrate_from:
