@@ -65,6 +65,24 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> Optional[str]:
     return text[: min(hits)] if hits else None
 
 
+_ANCHOR = 8  # prompt tokens decoded in front of a completion (enough to start on a whole character)
+
+
+def decode_after(tok, prompt: Sequence[int], ids: Sequence[int]) -> str:
+    """The text ``ids`` add after ``prompt``.
+
+    Decoded behind the prompt's last tokens and the prompt's text cut off: a SentencePiece model
+    with a dummy prefix (Meta's LLaMA tokenizer) drops the leading space of ids decoded on their
+    own, which would take one space off the first line of every indented code completion.
+    """
+    ids = list(ids)
+    if not ids:
+        return ""
+    anchor = list(prompt[-_ANCHOR:])
+    head, whole = tok.decode(anchor), tok.decode(anchor + ids)
+    return whole[len(head):] if anchor and whole.startswith(head) else tok.decode(ids)
+
+
 def _keep_end(ids: list[int], budget: int) -> list[int]:
     """A prompt too long for the window keeps its BOS and its most recent tokens."""
     return ids if len(ids) <= budget else ids[:1] + ids[len(ids) - budget + 1:]
@@ -107,7 +125,8 @@ def generate(lm, prompts: Sequence[str], params: SamplingParams) -> list[Generat
             if int(nxt[b]) == tok.eos_id:
                 finish[b] = "eos"
             elif params.stop:
-                cut = _cut_at_stop(tok.decode(tokens[b, lengths[b]: cur + 1].tolist()), params.stop)
+                cut = _cut_at_stop(decode_after(tok, encoded[b], tokens[b, lengths[b]: cur + 1].tolist()),
+                                   params.stop)
                 if cut is not None:
                     finish[b], texts[b] = "stop", cut
             if finish[b] is None and cur + 1 >= ends[b]:
@@ -121,6 +140,6 @@ def generate(lm, prompts: Sequence[str], params: SamplingParams) -> list[Generat
         ids = tokens[b, lengths[b]: min(ends[b], prev + 1)].tolist()
         if tok.eos_id in ids:
             ids = ids[: ids.index(tok.eos_id)]
-        text = texts[b] if texts[b] is not None else tok.decode(ids)
+        text = texts[b] if texts[b] is not None else decode_after(tok, encoded[b], ids)
         results.append(Generation(text, ids, finish[b] or "length"))
     return results

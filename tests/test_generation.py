@@ -38,7 +38,9 @@ def test_batched_greedy_equals_reference_per_prompt(lm):
     for prompt, g in zip(PROMPTS, got):
         want = reference_greedy(lm, prompt, 10)
         assert g.tokens == want
-        assert g.text == lm.tokenizer.decode(want)
+        tok = lm.tokenizer
+        prompt_text = tok.decode(tok.encode(prompt, bos=True))
+        assert g.text == tok.decode(tok.encode(prompt, bos=True) + want)[len(prompt_text):]
         assert g.finish_reason in ("length", "eos")
 
 
@@ -90,3 +92,43 @@ def test_too_long_prompt_keeps_bos_and_its_end(lm):
     if lm.tokenizer.eos_id in out:
         out = out[: out.index(lm.tokenizer.eos_id)]
     assert got.tokens == out
+
+
+def test_completion_keeps_its_leading_space_with_a_dummy_prefix_tokenizer(tmp_path):
+    """Meta's tokenizer (dummy prefix, identity normalisation) drops the leading space of ids decoded
+    alone; a completion must read as it does after the prompt, or HumanEval bodies lose indentation."""
+    import io
+
+    import sentencepiece as spm
+
+    from megallama.eval.lm import load_tokenizer
+    from megallama.eval.tiny import _stdlib_text
+    from megallama.generation import decode_after
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([ln for ln in _stdlib_text(100_000).splitlines() if ln.strip()]), model_writer=model,
+        vocab_size=400, model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        add_dummy_prefix=True, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity", minloglevel=2)
+    (tmp_path / "tok.model").write_bytes(model.getvalue())
+    tok = load_tokenizer(str(tmp_path / "tok.model"))
+    prompt = tok.encode('def f(x):\n    """Identity."""\n', bos=True)
+    body = tok.encode('def f(x):\n    """Identity."""\n    return x', bos=True)[len(prompt):]
+    assert decode_after(tok, prompt, body) == "    return x"
+
+    class Fixed:  # a "model" that always continues with the body's tokens, then EOS
+        tokenizer, max_seq_len = tok, 64
+
+        def new_cache(self, b, n):
+            return None
+
+        def logits_cached(self, tokens, start, cache):
+            pos = start + tokens.shape[1] - len(prompt)
+            nxt = body[pos] if 0 <= pos < len(body) else tok.eos_id
+            out = torch.full((tokens.shape[0], tokens.shape[1], tok.vocab_size), -1e9)
+            out[:, -1, nxt] = 0.0
+            return out
+
+    got = generate(Fixed(), [tok.decode(prompt)], SamplingParams(max_new_tokens=len(body) + 1))[0]
+    assert got.tokens == body and got.text == "    return x"
