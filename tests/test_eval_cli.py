@@ -106,6 +106,8 @@ def test_eval_cli_writes_json_and_markdown(ckpt, tmp_path):
     (["--task", f"boolq={FIX}/boolq_dev.jsonl", "--shots", "x=1"], "--shots x=... names no --task"),
     (["--task", f"boolq={FIX}/piqa_valid.jsonl"], "has neither 'answer' nor 'label'"),
     (["--task", "humaneval", "--samples", "2", "--pass-k", "5"], "--pass-k"),
+    (["--task", f"boolq={FIX}/boolq_dev.jsonl", "--output", "/nonexistent-dir/results.json"],
+     "directory /nonexistent-dir does not exist"),
 ])
 def test_eval_cli_errors_exit_2(ckpt, args, message):
     r = cli("eval", "--checkpoint", ckpt, *args)

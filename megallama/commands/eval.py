@@ -103,6 +103,10 @@ def run(args) -> int:
 
     specs, opts = _specs(args), _options(args)
     if args.output:
+        out_dir = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(out_dir):  # found now, not after the whole evaluation has run
+            raise UserError(f"--output {args.output}: directory {out_dir} does not exist; create it or choose "
+                            "another --output")
         md = os.path.splitext(args.output)[0] + ".md"
         for p in (args.output, md):
             if os.path.exists(p) and not args.force:
