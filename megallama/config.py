@@ -248,8 +248,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    if tp is int:  # (an inf or nan float is no integer: int() of it would raise, not refuse)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or int(value) != value:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
@@ -363,6 +364,16 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     def need(cond: bool, msg: str):
         if not cond:
             raise ConfigError(msg)
+
+    # inf passes every `> 0` check below and nan fails them with a misleading message: refuse both
+    # first, in every float field (sources' weights included)
+    sections = [("model", m), ("parallel", p), ("optim", o), ("train", t), ("data", cfg.data)]
+    sections += [(f"data.sources[{i}]", s) for i, s in enumerate(cfg.data.sources)]
+    for where, section in sections:
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            need(not isinstance(value, float) or math.isfinite(value),
+                 f"{where}.{f.name} must be a finite number, got {value}")
 
     for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len", "vocab_pad_multiple"):
         need(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")

@@ -95,3 +95,38 @@ NON_POSITIVE = [
 def test_non_positive_sizes_and_intervals_are_refused(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         validate(load_config(None, [override], preset="tiny"), 1)
+
+
+# inf passed every `> 0` / `>= 0` check (optim.lr=inf trained on nan weights; grad_clip=inf and
+# weight_decay=inf were taken as set), nan failed them with a misleading "must be positive", and an
+# inf/nan for an integer field (or model.ffn_dim_multiplier) crashed with OverflowError/ValueError.
+NON_FINITE = [
+    ("optim.lr=inf", "optim.lr must be a finite number, got inf"),
+    ("optim.lr=.inf", "optim.lr must be a finite number, got inf"),
+    ("optim.lr=nan", "optim.lr must be a finite number, got nan"),
+    ("optim.lr=-inf", "optim.lr must be a finite number, got -inf"),
+    ("optim.min_lr_ratio=nan", "optim.min_lr_ratio must be a finite number, got nan"),
+    ("optim.grad_clip=inf", "optim.grad_clip must be a finite number, got inf"),
+    ("optim.weight_decay=inf", "optim.weight_decay must be a finite number, got inf"),
+    ("optim.eps=inf", "optim.eps must be a finite number, got inf"),
+    ("model.norm_eps=nan", "model.norm_eps must be a finite number, got nan"),
+    ("model.ffn_dim_multiplier=inf", "model.ffn_dim_multiplier must be a finite number, got inf"),
+    ("train.collective_timeout_s=inf", "train.collective_timeout_s must be a finite number, got inf"),
+    ("train.device_peak_flops=nan", "train.device_peak_flops must be a finite number, got nan"),
+    ("data.valid_fraction=nan", "data.valid_fraction must be a finite number, got nan"),
+    ("train.steps=.inf", "train.steps: expected an integer, got inf"),
+    ("train.steps=.nan", "train.steps: expected an integer, got nan"),
+]
+
+
+@pytest.mark.parametrize("override,message", NON_FINITE, ids=[o for o, _ in NON_FINITE])
+def test_non_finite_numbers_are_refused(override, message):
+    with pytest.raises(ConfigError) as err:
+        validate(load_config(None, [override], preset="tiny"), 1)
+    assert message in str(err.value), str(err.value)
+
+
+def test_non_finite_lr_is_one_line_exit_2_through_the_cli():
+    r = _cli("show-model", "--preset", "tiny", "--set", "optim.lr=inf")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "megallama show-model: error: optim.lr must be a finite number, got inf"], r.stderr
