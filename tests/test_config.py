@@ -130,3 +130,13 @@ def test_non_finite_lr_is_one_line_exit_2_through_the_cli():
     r = _cli("show-model", "--preset", "tiny", "--set", "optim.lr=inf")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "megallama show-model: error: optim.lr must be a finite number, got inf"], r.stderr
+
+
+@pytest.mark.parametrize("world", ["0", "-2"])
+def test_show_model_refuses_a_non_positive_world_size(world):
+    # it was accepted: dp was derived as 1 and the layout "checked" against no processes at all
+    r = _cli("show-model", "--preset", "tiny", "--world-size", world)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"megallama show-model: error: --world-size must be >= 1 (the number of processes to check the "
+        f"layout against), got {world}"], r.stderr
+    assert r.stdout == ""

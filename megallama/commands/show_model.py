@@ -7,6 +7,7 @@ import json
 import torch
 
 from megallama.config import add_config_arguments, config_from_args, gradient_accumulation_steps
+from megallama.errors import ConfigError
 
 
 def add_arguments(p):
@@ -16,6 +17,9 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    if args.world_size < 1:
+        raise ConfigError(f"--world-size must be >= 1 (the number of processes to check the layout against), "
+                          f"got {args.world_size}")
     cfg = config_from_args(args, args.world_size, default_preset="demo")
     m, par, t = cfg.model, cfg.parallel, cfg.train
     dp = par.resolve_dp(args.world_size)
