@@ -311,3 +311,18 @@ def test_export_with_force_refuses_to_replace_its_own_source(model_ckpt, tmp_pat
         assert r.returncode == 2 and "holds the source checkpoint" in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
     assert snapshot(src) == before
+
+
+def test_export_hf_refuses_a_non_positive_or_non_finite_shard_size(model_ckpt, tmp_path, capsys):
+    """--max-shard-mb 0 (or negative) wrote one shard per tensor, nan one shard of everything."""
+    from megallama.cli import main
+
+    ckpt, _ = model_ckpt
+    for value in ("0", "-5", "nan", "inf"):
+        out = tmp_path / f"hf{value}"
+        status = main(["export-hf", "--checkpoint", str(ckpt), "--output", str(out), "--max-shard-mb", value])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert status == 2 and len(err) == 1, (value, err)
+        assert "--max-shard-mb must be a positive number of megabytes" in err[0], err[0]
+        assert not out.exists()
+    assert list(tmp_path.iterdir()) == []

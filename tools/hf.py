@@ -13,6 +13,7 @@ permutation, vocabulary padding) is :mod:`megallama.convert`'s.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, write_run_checkpoint
 from megallama.config import ModelConfig
 from megallama.convert import hf_config, hf_to_ours, ours_to_hf
-from megallama.errors import CheckpointError
+from megallama.errors import CheckpointError, UserError
 from tools.checkpoint_io import (add_layout_arguments, check_new_output, check_not_source, commit_directory,
                                  ffn_settings, fresh_tmp, imported_config)
 
@@ -68,6 +69,9 @@ def _tokenizer_files(tok_path: Path) -> dict[str, dict]:
 
 
 def export_hf(src, out, max_shard_mb: float = 5000.0, force: bool = False) -> Path:
+    if not (math.isfinite(max_shard_mb) and max_shard_mb > 0):  # 0 or less: a shard per tensor
+        raise UserError(f"--max-shard-mb must be a positive number of megabytes (e.g. 5000, the default), "
+                        f"got {max_shard_mb:g}")
     out = check_new_output(out, force)
     reader = CheckpointReader(src)
     check_not_source(out, reader.path)
