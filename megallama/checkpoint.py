@@ -387,6 +387,19 @@ def new_tmp_dir(out: Path) -> Path:
     raise CheckpointError(f"cannot create output '{out}' (its parent is not a directory); choose another path")
 
 
+class WriteFailed(CheckpointError):
+    """An offline tool's output could not be written (its temporary directory is already removed)."""
+
+    def __init__(self, out: Path, exc: OSError):
+        self.os_error = exc
+        super().__init__(f"writing '{out}' failed ({exc.strerror or exc}); nothing was written and an existing "
+                         "output is kept: free space or choose another --output")
+
+
+def failed_write(out: Path, exc: OSError) -> CheckpointError:
+    return WriteFailed(out, exc)
+
+
 def _save_tensors(tensors: dict, path: Path) -> dict:
     from safetensors.torch import save
 
@@ -619,6 +632,21 @@ def write_checkpoint(out: str | Path, cfg: Config, weights: dict[str, torch.Tens
                               f"'{extra[0]}'; the source is of another model shape")
     stage_of = stage_assignment(cfg.model, pp, cfg.parallel.pipeline_partition)
     tmp = new_tmp_dir(out)
+    try:
+        _write_checkpoint_files(tmp, cfg, weights, moments, step, consumed_samples, tokenizer_path, extra_meta,
+                                specs, stage_of)
+        os.replace(tmp, out)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # a refused tensor or a full disk leaves nothing behind
+        if isinstance(exc, OSError):
+            raise failed_write(out, exc) from None
+        raise
+    return out
+
+
+def _write_checkpoint_files(tmp: Path, cfg: Config, weights, moments, step, consumed_samples, tokenizer_path,
+                            extra_meta, specs, stage_of) -> None:
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
     files = {}
     for t in range(tp):
         for s in range(pp):
@@ -644,8 +672,6 @@ def write_checkpoint(out: str | Path, cfg: Config, weights: dict[str, torch.Tens
             "lr_scheduler_last_epoch": step if moments is not None else None, "optimizer_lrs": None,
             "config": cfg.to_dict(), "stage_of": stage_of, "files": files, **(extra_meta or {})}
     _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1).encode())
-    os.replace(tmp, out)
-    return out
 
 
 def write_run_checkpoint(run_dir: str | Path, cfg: Config, weights: dict[str, torch.Tensor],
@@ -668,8 +694,10 @@ def write_run_checkpoint(run_dir: str | Path, cfg: Config, weights: dict[str, to
         final = write_checkpoint(tmp / "checkpoints" / step_name(step), cfg, weights, moments, step,
                                  consumed_samples, tokenizer_path, extra_meta)
         _fsync_write(tmp / "checkpoints" / "latest", final.name.encode())
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, (OSError, WriteFailed)):  # name the output, not the temporary directory
+            raise failed_write(run_dir, getattr(exc, "os_error", exc)) from None
         raise
     os.replace(tmp, run_dir)  # also replaces an existing *empty* directory
     return run_dir / "checkpoints" / final.name

@@ -326,3 +326,72 @@ def test_export_hf_refuses_a_non_positive_or_non_finite_shard_size(model_ckpt, t
         assert "--max-shard-mb must be a positive number of megabytes" in err[0], err[0]
         assert not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def _fail_on_call(n, real):
+    """``real``, except that its n-th call raises ENOSPC (a disk filling up mid-write)."""
+    import errno
+
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    return wrapped
+
+
+@pytest.mark.parametrize("tool", ["export-hf", "export-meta", "reshard", "import-hf"])
+def test_a_write_failing_partway_leaves_no_temporary_directory(model_ckpt, tmp_path, monkeypatch, capsys, tool):
+    """export-hf/export-meta left their `.OUT.<pid>-0.tmp` directory (and a traceback) behind when a
+    write failed after the first file; with --force the existing output is kept as it was."""
+    import safetensors.torch
+
+    import megallama.checkpoint
+    from megallama.cli import main
+    from tools.hf import export_hf
+
+    ckpt, _ = model_ckpt
+    hf = tmp_path / "hf"
+    if tool == "import-hf":
+        export_hf(ckpt, hf)
+    work = tmp_path / "work"
+    out = work / "out"
+    out.mkdir(parents=True)
+    (out / "old.txt").write_text("the previous export")
+    args = {"export-hf": ["--checkpoint", str(ckpt), "--max-shard-mb", "0.05", "--force"],
+            "export-meta": ["--checkpoint", str(ckpt), "--mp", "2", "--force"],
+            "reshard": ["--checkpoint", str(ckpt), "--tp", "2", "--pp", "1"],
+            "import-hf": [str(hf), "--tp", "2"]}[tool]
+    if tool == "export-hf":
+        monkeypatch.setattr(safetensors.torch, "save_file", _fail_on_call(2, safetensors.torch.save_file))
+    elif tool == "export-meta":
+        monkeypatch.setattr(torch, "save", _fail_on_call(2, torch.save))
+    else:  # reshard and import-hf need a new output: the failing write is the second shard
+        (out / "old.txt").unlink()
+        out.rmdir()
+        monkeypatch.setattr(megallama.checkpoint, "_fsync_write", _fail_on_call(2, megallama.checkpoint._fsync_write))
+    capsys.readouterr()
+    status = main([tool, *args, "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and err[0].endswith(
+        f"writing '{out}' failed (No space left on device); nothing was written and an existing output is kept: "
+        "free space or choose another --output"), err
+    left = sorted(p.name for p in work.iterdir())
+    assert left == (["out"] if tool.startswith("export") else []), left
+    if tool.startswith("export"):
+        assert [p.name for p in out.iterdir()] == ["old.txt"]
+
+
+def test_write_checkpoint_refusing_a_tensor_partway_leaves_nothing(tmp_path):
+    from megallama.checkpoint import write_checkpoint
+    from megallama.errors import CheckpointError
+
+    cfg = validate(replace(preset_config("tiny"), parallel=replace(preset_config("tiny").parallel, tp=2)), 2)
+    weights = build_model(cfg.model, seed=0).state_dict()
+    weights["norm.weight"] = torch.ones(3)  # wrong shape, found once the temporary directory exists
+    with pytest.raises(CheckpointError, match="norm.weight"):
+        write_checkpoint(tmp_path / "ckpt", cfg, weights)
+    assert list(tmp_path.iterdir()) == []

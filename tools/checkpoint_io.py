@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from megallama.config import Config, ModelConfig, ParallelConfig, validate
 from megallama.errors import CheckpointError, UserError
@@ -60,16 +61,42 @@ def check_new_output(path: str | Path, force: Optional[bool] = None) -> Path:
 
 
 def commit_directory(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by the completed ``tmp`` directory (a reader never sees a half-written one)."""
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(tmp, out)
+    """Replace ``out`` by the completed ``tmp`` directory (a reader never sees a half-written one);
+    an existing ``out`` (``--force``) is moved aside first and only deleted once ``tmp`` is in place."""
+    aside = None
+    if out.exists() or out.is_symlink():
+        aside = next(a for i in range(1000) if not (a := out.with_name(f".{out.name}.{os.getpid()}-{i}.old")).exists())
+        os.replace(out, aside)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if aside is not None:
+            os.replace(aside, out)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside) if aside.is_dir() and not aside.is_symlink() else aside.unlink()
 
 
 def fresh_tmp(out: Path) -> Path:
     from megallama.checkpoint import new_tmp_dir
 
     return new_tmp_dir(out)
+
+
+@contextmanager
+def building(out: Path) -> Iterator[Path]:
+    """A fresh temporary directory to build ``out`` in, removed if the block fails (a failed export
+    leaves nothing behind; an existing output is untouched until :func:`commit_directory`)."""
+    from megallama.checkpoint import failed_write
+
+    tmp = fresh_tmp(out)
+    try:
+        yield tmp
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise failed_write(out, exc) from None
+        raise
 
 
 def check_not_source(out: Path, source: Path) -> None:

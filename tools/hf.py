@@ -23,8 +23,8 @@ from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, write_run_che
 from megallama.config import ModelConfig
 from megallama.convert import hf_config, hf_to_ours, ours_to_hf
 from megallama.errors import CheckpointError, UserError
-from tools.checkpoint_io import (add_layout_arguments, check_new_output, check_not_source, commit_directory,
-                                 ffn_settings, fresh_tmp, imported_config)
+from tools.checkpoint_io import (add_layout_arguments, building, check_new_output, check_not_source,
+                                 commit_directory, ffn_settings, imported_config)
 
 # ----------------------------------------------------------------------------- export
 
@@ -79,32 +79,32 @@ def export_hf(src, out, max_shard_mb: float = 5000.0, force: bool = False) -> Pa
     tensors = ours_to_hf(reader.state_dict(), model_cfg)
     tok = reader.path / TOKENIZER_FILE
     bos, eos = 1, 2
-    tmp = fresh_tmp(out)
-    from safetensors.torch import save_file
+    with building(out) as tmp:
+        from safetensors.torch import save_file
 
-    shards = _shards(tensors, max_shard_mb * 2**20)
-    if len(shards) == 1:
-        save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, part in enumerate(shards, 1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(part, str(tmp / name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in part})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        _write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total},
-                                                             "weight_map": weight_map})
-    if tok.is_file():
-        shutil.copyfile(tok, tmp / "tokenizer.model")
-        for name, content in _tokenizer_files(tok).items():
-            _write_json(tmp / name, content)
-        from megallama.data.tokenizer import Tokenizer
+        shards = _shards(tensors, max_shard_mb * 2**20)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, part in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(part, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in part})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            _write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total},
+                                                                 "weight_map": weight_map})
+        if tok.is_file():
+            shutil.copyfile(tok, tmp / "tokenizer.model")
+            for name, content in _tokenizer_files(tok).items():
+                _write_json(tmp / name, content)
+            from megallama.data.tokenizer import Tokenizer
 
-        t = Tokenizer(str(tok))
-        bos, eos = t.bos_id, t.eos_id
-    _write_json(tmp / "config.json", hf_config(model_cfg, bos, eos))
-    _write_json(tmp / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos})
-    commit_directory(tmp, out)
+            t = Tokenizer(str(tok))
+            bos, eos = t.bos_id, t.eos_id
+        _write_json(tmp / "config.json", hf_config(model_cfg, bos, eos))
+        _write_json(tmp / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos})
+        commit_directory(tmp, out)
     return out
 
 

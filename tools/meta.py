@@ -23,8 +23,8 @@ from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, write_run_che
 from megallama.config import ModelConfig
 from megallama.convert import meta_to_ours, ours_to_meta
 from megallama.errors import CheckpointError
-from tools.checkpoint_io import (add_layout_arguments, check_new_output, check_not_source, commit_directory,
-                                 fresh_tmp, imported_config)
+from tools.checkpoint_io import (add_layout_arguments, building, check_new_output, check_not_source,
+                                 commit_directory, imported_config)
 
 # suffix of a Meta parameter name -> dimension its model-parallel shards are concatenated on
 # (None: replicated, every shard holds the full tensor)
@@ -166,13 +166,13 @@ def export_meta(src, out, mp: int = 1, force: bool = False) -> Path:
     check_not_source(out, reader.path)
     model_cfg = reader.config.model
     shards = split_for_mp(ours_to_meta(reader.state_dict(), model_cfg), mp)
-    tmp = fresh_tmp(out)
-    for i, shard in enumerate(shards):
-        torch.save(shard, tmp / f"consolidated.{i:02d}.pth")
-    (tmp / "params.json").write_text(json.dumps(params_json(model_cfg)) + "\n")
-    if (reader.path / TOKENIZER_FILE).is_file():
-        shutil.copyfile(reader.path / TOKENIZER_FILE, tmp / "tokenizer.model")
-    commit_directory(tmp, out)
+    with building(out) as tmp:
+        for i, shard in enumerate(shards):
+            torch.save(shard, tmp / f"consolidated.{i:02d}.pth")
+        (tmp / "params.json").write_text(json.dumps(params_json(model_cfg)) + "\n")
+        if (reader.path / TOKENIZER_FILE).is_file():
+            shutil.copyfile(reader.path / TOKENIZER_FILE, tmp / "tokenizer.model")
+        commit_directory(tmp, out)
     return out
 
 
