@@ -21,7 +21,8 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from megallama.config import (Config, add_config_arguments, config_from_args, gradient_accumulation_steps)
+from megallama.config import (Config, add_config_arguments, config_from_args, config_from_dict,
+                              gradient_accumulation_steps)
 from megallama.distributed import device, init_distributed, shutdown, world_size_from_env
 from megallama.checkpoint import (check_compatible, is_weights_only, latest_checkpoint, load_checkpoint, read_meta,
                                   save_checkpoint)
@@ -91,6 +92,13 @@ def check_environment(cfg: Config) -> None:
         meta = read_meta(ckpt)
         check_compatible(meta, cfg, ckpt)
         consumed, batch = meta.get("consumed_samples", 0), cfg.train.global_batch_size
+        seq_len = config_from_dict(meta["config"]).train.seq_len
+        if not is_weights_only(meta) and seq_len != cfg.train.seq_len:
+            # the data position counts samples of the checkpoint's seq_len: at another one it names other data
+            raise ConfigError(f"checkpoint '{ckpt}' was trained with train.seq_len={seq_len} but the config says "
+                              f"{cfg.train.seq_len}; its data position ({consumed:,} samples) does not carry over "
+                              f"to another sequence length: resume with --set train.seq_len={seq_len}, or start a "
+                              f"new run (a new train.run_dir) from its weights with --init-from {ckpt}")
         if not is_weights_only(meta) and consumed % batch:
             raise ConfigError(f"checkpoint '{ckpt}' has consumed {consumed:,} samples, not a whole number of "
                               f"train.global_batch_size={batch} batches; resume with a global batch size "

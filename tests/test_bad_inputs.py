@@ -138,3 +138,25 @@ def test_bad_layout_under_torchrun_fails_on_every_rank_before_rendezvous(tmp_pat
     assert len(lines) == 2 and all("train.global_batch_size (6) must be divisible by micro_batch_size*dp = 2*2"
                                    in x for x in lines), r.stderr[-2000:]
     assert r.returncode != 0 and not (tmp_path / "run").exists()
+
+
+def test_resuming_at_another_seq_len_is_refused(tmp_path, capsys):
+    """The checkpoint's data position counts samples of its own seq_len: resumed at another one, the
+    run silently trained on other (re-read or skipped) data.  Refused, pointing at --init-from."""
+    from megallama.checkpoint import MOMENTS, write_run_checkpoint
+    from megallama.config import preset_config
+    from megallama.model import build_model
+    from tests.ckpt_helpers import snapshot
+
+    cfg = preset_config("tiny")  # train.seq_len=32
+    weights = build_model(cfg.model, seed=0).state_dict()
+    moments = {f"{n}/{k}": w.new_zeros(w.shape) for n, w in weights.items() for k in MOMENTS}
+    run_dir = tmp_path / "run"
+    ckpt = write_run_checkpoint(run_dir, cfg, weights, moments, step=2, consumed_samples=16)
+    before = snapshot(tmp_path)
+    status = main(["train", "--preset", "tiny", "--set", f"train.run_dir={run_dir}", "--set", "train.seq_len=16"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    assert f"checkpoint '{ckpt}' was trained with train.seq_len=32 but the config says 16" in err[0], err[0]
+    assert "--set train.seq_len=32" in err[0] and f"--init-from {ckpt}" in err[0], err[0]
+    assert snapshot(tmp_path) == before and not dist.is_initialized()
