@@ -36,8 +36,18 @@ def world_size_from_env() -> int:
 
 def _in_srun_step(env) -> bool:
     """True inside a task started by ``srun`` (the batch script itself also has SLURM_PROCID=0
-    and SLURM_NTASKS, but no SLURM_STEP_ID; a plain ``megallama train`` there is one process)."""
-    return bool(env.get("SLURM_PROCID") and env.get("SLURM_NTASKS") and env.get("SLURM_STEP_ID"))
+    and SLURM_NTASKS, but no SLURM_STEP_ID; a plain ``megallama train`` there is one process).
+
+    ``mpirun`` inside an allocation starts its daemons (Open MPI's orted, MPICH's hydra proxies)
+    as an srun step, one per node, and the ranks inherit that step's variables: SLURM_PROCID and
+    SLURM_NTASKS then number the daemons, not the ranks.  So Open MPI's own launcher variables,
+    or an MPI world size other than SLURM_NTASKS, mean mpirun started us (the same answer on
+    every rank of the job)."""
+    if not (env.get("SLURM_PROCID") and env.get("SLURM_NTASKS") and env.get("SLURM_STEP_ID")):
+        return False
+    if env.get("OMPI_COMM_WORLD_RANK"):  # set by Open MPI's mpirun/prterun only, never by srun
+        return False
+    return not (env.get("PMI_SIZE") and env["PMI_SIZE"] != env["SLURM_NTASKS"])
 
 
 def expand_nodelist(nodelist: str) -> list[str]:

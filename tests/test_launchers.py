@@ -46,6 +46,19 @@ def test_launcher_variables_win_over_srun_and_batch_script_is_one_process(monkey
     assert world_size_from_env() == 8
 
 
+def test_mpirun_inside_an_allocation_is_not_taken_for_an_srun_step():
+    # mpirun in an sbatch script starts one orted per node with srun: its ranks inherit that step's
+    # SLURM_PROCID/SLURM_NTASKS (daemon 0 of 1 here), which are not the ranks' own
+    orted = dict(SRUN_TASK, SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_LOCALID="0")
+    for mpi in (dict(OMPI_COMM_WORLD_RANK="1", OMPI_COMM_WORLD_SIZE="2"),  # Open MPI
+                dict(PMI_RANK="1", PMI_SIZE="2")):  # MPICH's hydra
+        env = dict(orted, **mpi)
+        assert not discover_srun(env) and "RANK" not in env, mpi
+    # srun's own PMI (srun --mpi=pmi2/pmix) agrees with SLURM's numbering: still an srun step
+    env = dict(SRUN_TASK, PMI_RANK="5", PMI_SIZE="8", PMIX_RANK="5")
+    assert discover_srun(env) and (env["RANK"], env["WORLD_SIZE"]) == ("5", "8")
+
+
 LAUNCHERS = {
     "torchrun": lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                               "--master_port", str(port), "-m"],
