@@ -137,7 +137,27 @@ def build_engine(cfg: Config, ctx: ParallelContext):
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=WarmupCosine(optimizer, cfg),
         config=deepspeed_config(cfg, ctx.world_size), mpu=MPU(ctx) if p.pp == 1 else None)
+    if p.pp > 1 and not (engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization()):
+        _clip_by_replica_norm(engine, ctx)
     return engine
+
+
+def _clip_by_replica_norm(engine, ctx: ParallelContext) -> None:
+    """Pipeline stages without ZeRO in fp32: clip by the norm of the whole replica, and report it.
+
+    DeepSpeed clips these with ``clip_grad_norm_`` over its pipeline grid, whose "model parallel
+    rank" numbers the TP x PP ranks: a TP-replicated parameter (the norm weights) then counts on
+    the first stage only, and the norm it clipped with is never reported (``grad_norm`` null)."""
+    def clip_fp32_gradients():
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        norm = global_grad_norm(params, ctx)
+        engine._global_grad_norm = norm
+        coef = engine.gradient_clipping() / (norm + 1e-6)
+        if coef < 1.0:  # a non-finite norm comes from non-finite gradients: guard_nonfinite_steps skips the step
+            for p in params:
+                p.grad.detach().mul_(coef)
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
 
 
 def compile_blocks(model: torch.nn.Module) -> None:

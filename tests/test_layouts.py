@@ -88,3 +88,14 @@ def test_zero3_partitioned_output_layer_matches_one_process(tmp_path):
     its partitioned weight (a 2048-token vocabulary puts it far above the persistence threshold)."""
     _assert_two_ranks_match_one(["model.vocab_size=2048"], ["parallel.zero_stage=3", "train.micro_batch_size=1"],
                                 tmp_path)
+
+
+def test_pipeline_without_zero_clips_by_and_reports_the_whole_replica_norm(tmp_path, tmp_path_factory):
+    """pp=2 with ZeRO-0 in fp32 is clipped by DeepSpeed's plain-optimizer path, whose pipeline grid
+    counted the norm weights of the first stage only, and reported no gradient norm at all."""
+    (losses, norms), *_ = run_ranks(_train_case, 2, ["parallel.pp=2", "parallel.zero_stage=0"], str(tmp_path),
+                                    timeout=300)
+    ref_losses, ref_norms = reference(tmp_path_factory)
+    assert None not in norms, norms
+    assert abs(norms[0] - ref_norms[0]) <= 1e-6 * ref_norms[0], (norms[0], ref_norms[0])  # before any update
+    assert _close(losses, ref_losses) and _close(norms, ref_norms), (losses, norms, ref_losses, ref_norms)
