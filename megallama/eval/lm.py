@@ -194,6 +194,17 @@ def _load_hf(path: str, device: str, dtype: Optional[torch.dtype]) -> HFAdapter:
     return HFAdapter(model.to(device), load_tokenizer(tok_path), max_seq_len=max_len)
 
 
+def _check_tensor_parallel(cfg, tp: int, path) -> None:
+    """Under a launcher every rank is one tensor-parallel shard: the heads, key/value heads and FFN
+    rows must split evenly over the ranks (one line, not a traceback deep in the first forward)."""
+    sizes = {"model.n_heads": cfg.n_heads, "model.n_kv_heads": cfg.kv_heads, "the FFN hidden size": cfg.ffn_hidden}
+    bad = [f"{name} ({n})" for name, n in sizes.items() if n % tp]
+    if bad:
+        ok = [d for d in range(1, cfg.kv_heads + 1) if all(n % d == 0 for n in sizes.values())]
+        raise CheckpointError(f"checkpoint {path} cannot run tensor-parallel over {tp} ranks: {', '.join(bad)} "
+                              f"not divisible by {tp}; launch it on {' or '.join(map(str, ok))} rank(s)")
+
+
 def load_megallama_checkpoint(path: str, device: str, dtype: Optional[torch.dtype]) -> MegallamaAdapter:
     """Build a :class:`MegallamaAdapter` from a megallama checkpoint (or run) directory.
 
@@ -209,6 +220,7 @@ def load_megallama_checkpoint(path: str, device: str, dtype: Optional[torch.dtyp
     reader = CheckpointReader(path)
     model_cfg = reader.config.model
     tp = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    _check_tensor_parallel(model_cfg, tp, reader.path)
     ctx = ParallelContext.from_distributed(tp=tp) if tp > 1 else ParallelContext.single()
     tok_path = os.path.join(str(reader.path), TOKENIZER_FILE)
     if not os.path.isfile(tok_path):
