@@ -245,3 +245,26 @@ def test_fused_loss_memory_is_what_the_planner_counts(tokens, vocab, chunk):
     expected = fused_loss_bytes(tokens, 256, vocab, 4, 4, chunk)
     # resident pages, not bytes: a few hundred KiB either way between runs (seen: -0.17 to +1.2 MiB)
     assert -0.02 * expected <= measured - expected <= 8 * 2**20, (measured / 2**20, expected / 2**20)
+
+
+@pytest.mark.parametrize("gpus,needle", [
+    ("0", "--calibrate-gpus must be >= 1"),
+    ("-1", "--calibrate-gpus must be >= 1"),
+    ("3", "--calibrate-gpus"),  # 512 sequences do not split over 3 data-parallel ranks
+])
+def test_calibrate_gpus_errors_name_calibrate_gpus(tmp_path, gpus, needle):
+    """A bad --calibrate-gpus is blamed on --calibrate-gpus (it said '--gpus must be >= 1'), and 0 is no
+    longer taken as 'not given' (it silently calibrated on --gpus)."""
+    import yaml
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(preset_config("llama-1b").to_dict()))
+    (tmp_path / "summary.json").write_text(json.dumps(dict(tokens_per_sec=1e5)))
+    r = megallama("plan", "--preset", "llama-7b", "--gpus", "8", "--calibrate-from", str(tmp_path),
+                  "--calibrate-gpus", gpus)
+    assert r.returncode == 2, r.stdout
+    assert needle in r.stderr and "--gpus must" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_calibrate_gpus_without_calibrate_from_is_refused():
+    r = megallama("plan", "--preset", "llama-7b", "--gpus", "8", "--calibrate-gpus", "8")
+    assert r.returncode == 2 and "--calibrate-gpus only applies with --calibrate-from" in r.stderr

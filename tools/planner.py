@@ -323,17 +323,19 @@ def plan(cfg: Config, lay: Layout, gpu: GpuSpec, tokens: Optional[int] = None,
         matmul_efficiency=eff)
 
 
-def check_layout(cfg: Config, lay: Layout) -> None:
-    """Reuse the trainer's validation so the planner never blesses a layout training rejects."""
+def check_layout(cfg: Config, lay: Layout, gpus_flag: str = "--gpus") -> None:
+    """Reuse the trainer's validation so the planner never blesses a layout training rejects.
+
+    ``gpus_flag`` is the flag that set ``lay.gpus`` (``--calibrate-gpus`` for a measured run)."""
     if lay.gpus < 1:
-        raise ConfigError(f"--gpus must be >= 1, got {lay.gpus}")
+        raise ConfigError(f"{gpus_flag} must be >= 1, got {lay.gpus}")
     if lay.checkpointing not in CHECKPOINTING:
         raise ConfigError(f"--checkpointing must be one of {', '.join(CHECKPOINTING)}, got '{lay.checkpointing}'")
     for flag, value in (("--tp", lay.tp), ("--pp", lay.pp)):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     if lay.gpus % (lay.tp * lay.pp):
-        raise ConfigError(f"--gpus {lay.gpus} is not divisible by tp*pp = {lay.tp * lay.pp}; change --tp/--pp")
+        raise ConfigError(f"{gpus_flag} {lay.gpus} is not divisible by tp*pp = {lay.tp * lay.pp}; change --tp/--pp")
     c = replace(cfg, parallel=replace(cfg.parallel, tp=lay.tp, pp=lay.pp, dp=0, zero_stage=lay.zero_stage,
                                       sequence_parallel=lay.sp),
                 train=replace(cfg.train, seq_len=lay.seq_len, micro_batch_size=lay.micro_batch,
@@ -380,7 +382,11 @@ def measured_run(run_dir: str, gpus: int) -> tuple[Config, Layout, float]:
     lay = Layout(gpus=gpus, tp=p.tp, pp=p.pp, zero_stage=p.zero_stage, micro_batch=t.micro_batch_size,
                  seq_len=t.seq_len, global_batch=t.global_batch_size, checkpointing=t.activation_checkpointing,
                  sequence_parallel=p.sequence_parallel, precision=t.precision)
-    check_layout(cfg, lay)
+    try:
+        check_layout(cfg, lay, gpus_flag="--calibrate-gpus")
+    except ConfigError as exc:
+        raise ConfigError(f"--calibrate-from {run_dir} on {gpus} GPUs: {exc} "
+                          "(--calibrate-gpus must be the GPU count of the measured run)") from None
     return cfg, lay, t.global_batch_size * t.seq_len / tokens_per_sec
 
 
@@ -472,8 +478,13 @@ def run(args) -> int:
     if args.calibrate_step_time is not None:
         check_layout(cfg, lay)
         eff = calibrated_efficiency(cfg, lay, gpu, args.calibrate_step_time)
+    if args.calibrate_gpus is not None and not args.calibrate_from:
+        raise UserError("--calibrate-gpus only applies with --calibrate-from RUN_DIR; add it or drop --calibrate-gpus")
+    if args.calibrate_gpus is not None and args.calibrate_gpus < 1:
+        raise UserError(f"--calibrate-gpus must be >= 1 (the GPUs the --calibrate-from run used), got {args.calibrate_gpus}")
     if args.calibrate_from:
-        run_cfg, run_lay, step_s = measured_run(args.calibrate_from, args.calibrate_gpus or args.gpus)
+        run_cfg, run_lay, step_s = measured_run(args.calibrate_from,
+                                                args.gpus if args.calibrate_gpus is None else args.calibrate_gpus)
         eff = calibrated_efficiency(run_cfg, run_lay, gpu, step_s)
     if args.search:
         found = search(cfg, args.gpus, gpu, lay, tokens, eff)
