@@ -4,14 +4,19 @@ Prompts of different lengths share one batch the way Meta's reference generation
 row starts at position 0 (right padding), decoding starts at the shortest prompt's end, and at each
 position a row whose prompt is longer keeps its own prompt token instead of the sampled one.  All
 rows therefore share ``start_pos`` (what the model's cache interface needs), no attention mask is
-required, and each row's result equals generating it alone.  Under tensor parallelism every rank
-runs this same loop with the same seed, so all ranks pick the same tokens.
+required, and each row's result equals generating it alone.  That holds for sampling too: every
+row draws from its own random generator, seeded from ``(seed, row)`` (``row`` is the prompt's index,
+or what ``rows`` gives), and only at its own decoding steps, so a sampled row depends on its prompt,
+the seed and its row number alone, not on the other prompts in the batch or on the batch size.
+Under tensor parallelism every rank runs this same loop with the same seed, so all ranks pick the
+same tokens.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -43,21 +48,42 @@ class Generation:
     finish_reason: str  # "stop" (a stop sequence), "eos", or "length"
 
 
-def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    """Sample from the smallest set of tokens whose probability mass reaches ``p`` (nucleus)."""
+def row_generator(seed: int, row: int) -> torch.Generator:
+    """The random generator of one batch row: a function of ``(seed, row)`` only."""
+    digest = hashlib.blake2b(f"megallama-sample:{seed}:{row}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+
+
+def sample_top_p(probs: torch.Tensor, p: float,
+                 generator: Union[torch.Generator, Sequence[torch.Generator]]) -> torch.Tensor:
+    """Sample from the smallest set of tokens whose probability mass reaches ``p`` (nucleus).
+
+    ``generator`` is one generator for all rows, or one per row of ``probs``."""
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
     cumulative = torch.cumsum(sorted_probs, dim=-1)
     sorted_probs[cumulative - sorted_probs > p] = 0.0  # keep every token needed to reach p
     sorted_probs.div_(sorted_probs.sum(dim=-1, keepdim=True))
-    choice = torch.multinomial(sorted_probs, num_samples=1, generator=generator)
+    if isinstance(generator, torch.Generator):
+        choice = torch.multinomial(sorted_probs, num_samples=1, generator=generator)
+    else:
+        choice = torch.cat([torch.multinomial(sorted_probs[b: b + 1], num_samples=1, generator=g)
+                            for b, g in enumerate(generator)])
     return torch.gather(order, -1, choice).squeeze(-1)
 
 
-def _next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+def _next_tokens(logits: torch.Tensor, params: SamplingParams, generators: Sequence[torch.Generator],
+                 current: torch.Tensor, drawing: list[int]) -> torch.Tensor:
+    """This position's token in every row: the rows in ``drawing`` pick the next token (a sampled row
+    from its own generator), the others keep ``current`` (a prompt token, or a finished row's pad)."""
+    out = current.clone()
+    if not drawing:
+        return out
     if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    return sample_top_p(probs, params.top_p, generator)
+        out[drawing] = logits[drawing].argmax(dim=-1)
+    else:
+        probs = torch.softmax(logits[drawing].float() / params.temperature, dim=-1)
+        out[drawing] = sample_top_p(probs, params.top_p, [generators[b] for b in drawing])
+    return out
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> Optional[str]:
@@ -89,11 +115,19 @@ def _keep_end(ids: list[int], budget: int) -> list[int]:
 
 
 @torch.no_grad()
-def generate(lm, prompts: Sequence[str], params: SamplingParams) -> list[Generation]:
-    """Complete every prompt; results are in the order of ``prompts``."""
+def generate(lm, prompts: Sequence[str], params: SamplingParams,
+             rows: Optional[Sequence[int]] = None) -> list[Generation]:
+    """Complete every prompt; results are in the order of ``prompts``.
+
+    With sampling, prompt ``b`` draws from a generator seeded from ``(params.seed, rows[b])``
+    (``rows`` defaults to ``0, 1, ...``), so its completion is the same whatever else is in the batch:
+    ``generate(lm, [prompts[b]], params, rows=[rows[b]])`` gives it alone."""
     params.validate()
     if not prompts:
         return []
+    rows = list(range(len(prompts))) if rows is None else list(rows)
+    if len(rows) != len(prompts):
+        raise ValueError(f"rows has {len(rows)} entries for {len(prompts)} prompts")
     tok = lm.tokenizer
     budget = lm.max_seq_len - params.max_new_tokens
     if budget < 1:
@@ -108,7 +142,7 @@ def generate(lm, prompts: Sequence[str], params: SamplingParams) -> list[Generat
     for b, ids in enumerate(encoded):
         tokens[b, : len(ids)] = torch.tensor(ids)
         is_prompt[b, : len(ids)] = True
-    generator = torch.Generator().manual_seed(params.seed)
+    generators = [row_generator(params.seed, r) for r in rows] if params.temperature > 0 else []
     cache = lm.new_cache(bsz, total)
     finish: list[Optional[str]] = [None] * bsz
     texts: list[Optional[str]] = [None] * bsz
@@ -116,7 +150,8 @@ def generate(lm, prompts: Sequence[str], params: SamplingParams) -> list[Generat
     prev = 0
     for cur in range(min(lengths), total):
         logits = lm.logits_cached(tokens[:, prev:cur], prev, cache)[:, -1].cpu()
-        nxt = torch.where(is_prompt[:, cur], tokens[:, cur], _next_tokens(logits, params, generator))
+        drawing = [b for b in range(bsz) if finish[b] is None and not is_prompt[b, cur]]
+        nxt = _next_tokens(logits, params, generators, tokens[:, cur], drawing)
         tokens[:, cur] = nxt
         prev = cur
         for b in range(bsz):

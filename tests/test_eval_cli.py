@@ -141,6 +141,16 @@ def test_majority_vote_over_samples(lm):
     assert set(result.metrics) == {"maj1@3"}
 
 
+def test_samples_do_not_depend_on_batch_size(lm):
+    """pass@k / maj1@k samples are seeded per sample, not per batch: --batch-size changes no sample."""
+    spec = TaskSpec("gsm8k", os.path.join(FIX, "gsm8k_test.jsonl"))
+    runs = [harness.evaluate_task(lm, spec, EvalOptions(samples=3, temperature=1.0, top_p=0.95, max_new_tokens=5,
+                                                       batch_size=bs)) for bs in (1, 4, 64)]
+    assert any(len(set(r["samples"])) > 1 for r in runs[0].records)  # the draws of one prompt differ
+    assert [r["samples"] for r in runs[0].records] == [r["samples"] for r in runs[1].records] \
+        == [r["samples"] for r in runs[2].records]
+
+
 def test_markdown_and_tensorboard_logging(lm, tmp_path):
     results = [harness.TaskResult("boolq", {"acc": 0.5, "acc_none": 0.25}, [], 2),
                harness.TaskResult("perplexity", {"perplexity": 12.345}, [], 1)]

@@ -64,6 +64,18 @@ def test_sampling_is_reproducible_by_seed_and_top_p_tiny_is_greedy(lm):
     assert [x.tokens for x in nucleus_of_one] == [x.tokens for x in greedy]
 
 
+def test_sampled_row_equals_generating_it_alone(lm):
+    """Each row samples from its own generator seeded from (seed, row): the batch around it (other
+    prompts, other lengths, a larger batch) does not change it.  With one shared generator it did."""
+    p = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.95, seed=3)
+    batch = generate(lm, PROMPTS, p)
+    for b, prompt in enumerate(PROMPTS):
+        assert generate(lm, [prompt], p, rows=[b])[0].tokens == batch[b].tokens
+    wider = generate(lm, ["hello", "a much longer prompt than the others, " * 3] + PROMPTS, p, rows=[7, 8, 0, 1, 2])
+    assert [g.tokens for g in wider[2:]] == [g.tokens for g in batch]
+    assert len({tuple(g.tokens) for g in generate(lm, [PROMPTS[0]] * 4, p)}) > 1  # rows differ from each other
+
+
 def test_sample_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     g = torch.Generator().manual_seed(0)

@@ -203,7 +203,10 @@ def _pairs(lm, spec, fmt, examples, prefixes, opts):
 # ---- generation tasks -----------------------------------------------------------------------------
 
 def _sample_all(lm, prompts: list[str], fmt: Format, opts: EvalOptions) -> list[list[str]]:
-    """``opts.samples`` completions per prompt (greedy when 1), in batches, shortest prompts together."""
+    """``opts.samples`` completions per prompt (greedy when 1), in batches, shortest prompts together.
+
+    Sample ``j`` (prompt ``j // n``, draw ``j % n``) is seeded from ``(opts.seed, j)``, so the samples
+    do not depend on ``--batch-size`` or on which prompts share its batch."""
     n = max(1, opts.samples)
     params = SamplingParams(max_new_tokens=opts.max_new_tokens or fmt.max_new_tokens,
                             temperature=opts.temperature if n > 1 else 0.0, top_p=opts.top_p,
@@ -213,8 +216,7 @@ def _sample_all(lm, prompts: list[str], fmt: Format, opts: EvalOptions) -> list[
     texts: list[str] = [""] * len(flat)
     for start in range(0, len(order), opts.batch_size):
         chunk = order[start: start + opts.batch_size]
-        chunk_params = SamplingParams(**{**params.__dict__, "seed": params.seed + start})
-        for j, g in zip(chunk, generate(lm, [flat[j][1] for j in chunk], chunk_params)):
+        for j, g in zip(chunk, generate(lm, [flat[j][1] for j in chunk], params, rows=chunk)):
             texts[j] = g.text
     return [texts[i * n: (i + 1) * n] for i in range(len(prompts))]
 
