@@ -114,6 +114,23 @@ def test_eval_cli_errors_exit_2(ckpt, args, message):
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_mmlu_subject_without_dev_file_is_refused(tmp_path):
+    """A test subject with no dev questions gets no shots from other subjects: a one-line error naming
+    the subject and its missing dev file, before the model loads (it silently used other subjects)."""
+    import shutil
+
+    test, dev = tmp_path / "test", tmp_path / "dev"
+    shutil.copytree(os.path.join(FIX, "mmlu", "test"), test)
+    shutil.copytree(os.path.join(FIX, "mmlu", "dev"), dev)
+    shutil.copy(test / "high_school_physics_test.csv", test / "astronomy_test.csv")
+    r = cli("eval", "--checkpoint", str(tmp_path / "no-such-checkpoint"), "--task", f"mmlu={test}",
+            "--fewshot", f"mmlu={dev}", "--shots", "2")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "'astronomy'" in r.stderr and "astronomy_dev.csv" in r.stderr and str(dev) in r.stderr, r.stderr
+    ok = harness.prepare_task(TaskSpec("mmlu", str(test / "high_school_physics_test.csv"), str(dev), 2), EvalOptions())
+    assert all("Light travels" in p and "unit of force" in p for p in ok.prefixes)  # its own subject's shots still work
+
+
 @pytest.mark.slow
 def test_generate_cli(ckpt, lm):
     r = cli("generate", "--checkpoint", ckpt, "--prompt", "def foo(x):", "--prompt", "x = 1",

@@ -445,6 +445,9 @@ class Format:
     max_new_tokens: int = 64
     answer: Optional[Callable[[str], Optional[str]]] = None  # generate tasks: answer extraction
     default_path: Optional[Callable[[], str]] = None
+    # shots must come from the example's own group (MMLU: the subject's dev file, named by this
+    # pattern in errors); empty = the same group when the few-shot split has it, else any example
+    group_shot_file: str = ""
 
 
 _CODE_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -459,7 +462,7 @@ FORMATS: dict[str, Format] = {
     "arc_challenge": Format(arc),
     "openbookqa": Format(openbookqa, norm="unconditional"),
     "race": Format(race),
-    "mmlu": Format(mmlu, norm="none"),
+    "mmlu": Format(mmlu, norm="none", group_shot_file="{group}_dev.csv"),
     "naturalquestions": Format(naturalquestions, separator="\n", stop=("\n",), max_new_tokens=32),
     "triviaqa": Format(triviaqa, separator="\n", stop=("\n",), max_new_tokens=32),
     "gsm8k": Format(gsm8k, stop=("\n\nQuestion:", "Question:"), max_new_tokens=256, answer=metrics.gsm8k_answer),

@@ -86,19 +86,24 @@ def load_examples(spec: TaskSpec, fmt: Format, path: str, what: str) -> list[Exa
     return examples
 
 
-def fewshot_prefix(example: Example, pool: list[Example], k: int, sep: str, rng_seed: int) -> str:
+def fewshot_prefix(example: Example, pool: list[Example], k: int, sep: str, rng_seed: int,
+                   same_group_only: bool = False) -> str:
     """``k`` solved examples drawn deterministically from the few-shot split.
 
     Shots come from the same group when it has any (MMLU: the subject's dev questions), and keep
-    their file order, so with MMLU's five dev questions per subject 5-shot means those five.  The
-    example itself is never its own shot, even when the few-shot split is the evaluated file.
+    their file order, so with MMLU's five dev questions per subject 5-shot means those five.  With
+    ``same_group_only`` (MMLU) a group with too few shots is an error instead of drawing from the
+    others.  The example itself is never its own shot, even when the few-shot split is the evaluated file.
     """
     if k <= 0:
         return example.preamble
     usable = [i for i, e in enumerate(pool) if e.demo and e.demo != example.demo]  # never its own answer
-    same = [i for i in usable if pool[i].group == example.group] or usable
+    same = [i for i in usable if pool[i].group == example.group]
+    if not same and not same_group_only:
+        same = usable
     if len(same) < k:
-        raise DataError(f"the few-shot split has only {len(same)} usable examples, fewer than --shots {k}")
+        where = f" of group {example.group!r}" if same_group_only else ""
+        raise DataError(f"the few-shot split has only {len(same)} usable examples{where}, fewer than --shots {k}")
     picked = sorted(random.Random(rng_seed).sample(same, k))
     return example.preamble + sep.join(pool[i].demo for i in picked) + sep
 
@@ -125,7 +130,17 @@ def prepare_task(spec: TaskSpec, opts: EvalOptions) -> PreparedTask:
         examples = examples[: opts.limit]
     shots = opts.shots if spec.shots < 0 else spec.shots
     pool = load_examples(spec, fmt, spec.fewshot_path, "few-shot") if shots > 0 else []
-    prefixes = [fewshot_prefix(e, pool, shots, fmt.separator, opts.seed) for e in examples]
+    if shots > 0 and fmt.group_shot_file:  # MMLU: a subject's shots are its own dev questions, never another's
+        have = {e.group for e in pool if e.demo}
+        missing = sorted({e.group for e in examples} - have)
+        if missing:
+            more = f" (and {len(missing) - 1} more: {', '.join(missing[1:4])}{', ...' if len(missing) > 4 else ''})" \
+                if len(missing) > 1 else ""
+            raise DataError(f"{spec.name} subject {missing[0]!r}{more} has no few-shot examples in {spec.fewshot_path}: "
+                            f"add {fmt.group_shot_file.format(group=missing[0])} there, or evaluate without "
+                            f"that subject's test file")
+    prefixes = [fewshot_prefix(e, pool, shots, fmt.separator, opts.seed, same_group_only=bool(fmt.group_shot_file))
+                for e in examples]
     return PreparedTask(spec, fmt, examples, prefixes)
 
 
