@@ -131,6 +131,17 @@ def test_mmlu_subject_without_dev_file_is_refused(tmp_path):
     assert all("Light travels" in p and "unit of force" in p for p in ok.prefixes)  # its own subject's shots still work
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--task", f"boolq={FIX}/boolq_dev.jsonl", "--norm", "bogus"], "unknown --norm 'bogus'"),
+    (["--task", "humaneval", "--norm", "bogus"], "unknown --norm 'bogus'"),  # was silently ignored
+    (["--task", "humaneval", "--norm", "char"], "--norm char only applies to multiple-choice tasks"),
+])
+def test_eval_norm_is_checked_before_the_model_loads(tmp_path, args, message):
+    """--norm is checked up front: a missing checkpoint would be reported first if it loaded before."""
+    r = cli("eval", "--checkpoint", str(tmp_path / "no-such-checkpoint"), *args)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 @pytest.mark.slow
 def test_generate_cli(ckpt, lm):
     r = cli("generate", "--checkpoint", ckpt, "--prompt", "def foo(x):", "--prompt", "x = 1",

@@ -35,6 +35,7 @@ def add_arguments(p):
 def _options(args):
     from megallama.eval.executor import Limits
     from megallama.eval.harness import EvalOptions
+    from megallama.eval.scoring import NORMALIZATIONS
 
     try:
         pass_k = tuple(int(k) for k in args.pass_k.split(","))
@@ -46,6 +47,8 @@ def _options(args):
         raise UserError("--limit must be >= 0")
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
+    if args.norm and args.norm not in NORMALIZATIONS:  # found now, not after the model has loaded
+        raise UserError(f"unknown --norm {args.norm!r}; use one of {', '.join(NORMALIZATIONS)}")
     limits = Limits(timeout_s=args.exec_timeout, cpu_s=max(1, int(args.exec_timeout)))
     return EvalOptions(shots=_shots(args)[0], limit=args.limit, batch_size=args.batch_size, seed=args.seed,
                        norm=args.norm, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
@@ -112,6 +115,9 @@ def run(args) -> int:
             if os.path.exists(p) and not args.force:
                 raise UserError(f"{p} already exists; pass --force to overwrite or choose another --output")
     tasks = [harness.prepare_task(s, opts) for s in specs]  # bad data fails before the model loads
+    if args.norm and not any(t.examples and t.examples[0].kind == "choice" for t in tasks):
+        raise UserError(f"--norm {args.norm} only applies to multiple-choice tasks and no --task given is one; "
+                        "drop --norm")
     with launched_group():  # under a launcher: one tensor-parallel group over all ranks
         lm = load_model(args.checkpoint, device=args.device, dtype=args.dtype)
         results = harness.evaluate(lm, tasks, opts)
