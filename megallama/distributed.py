@@ -24,13 +24,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _env_count(var: str) -> int:
+    value = os.environ[var]
+    if not value.strip().isdigit() or int(value) < 1:
+        from megallama.errors import ConfigError
+
+        raise ConfigError(f"environment variable {var}={value!r} is not a positive process count; "
+                          "fix (or unset) it in the launch script")
+    return int(value)
+
+
 def world_size_from_env() -> int:
     """The world size a launcher announced (before any process group exists)."""
     for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
         if os.environ.get(var):
-            return int(os.environ[var])
+            return _env_count(var)
     if _in_srun_step(os.environ):
-        return int(os.environ["SLURM_NTASKS"])
+        return _env_count("SLURM_NTASKS")
     return 1
 
 

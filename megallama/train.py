@@ -188,6 +188,12 @@ class StopRequest:
 
     def __init__(self):
         self.signal = 0
+        self.install()
+
+    def install(self) -> None:
+        """(Re)install the handlers: at the very start of :func:`train`, so a preemption announced
+        while the process group, data and engine are still being built is kept, not fatal (the
+        default action), and again once the engine exists, in case a library replaced them."""
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
@@ -285,6 +291,7 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
     """Train ``cfg``; ``data`` (a DataBundle-like object with .train/.valid) defaults to the config's.
 
     Returns None when the run directory is already trained to ``train.steps``."""
+    stop = StopRequest()  # first: a preemption signal during start-up is acted on at the first step boundary
     tasks, task_opts = _prepare_tasks(cfg)  # read and check task files before any process group exists
     p, t = cfg.parallel, cfg.train
     init_distributed(t.collective_timeout_s)
@@ -297,6 +304,7 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
 
     data = data if data is not None else build_datasets(cfg)
     engine = build_engine(cfg, ctx)
+    stop.install()
     guard_nonfinite_steps(engine.optimizer)
     gas = gradient_accumulation_steps(cfg, ctx.world_size)
     pipelined = p.pp > 1
@@ -346,7 +354,6 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
             print(f"{t.run_dir} is already trained to step {start_step} (train.steps={total_steps}); raise "
                   "train.steps to continue it, or choose a new train.run_dir", flush=True)
         return None
-    stop = StopRequest()
     meter = EnergyMeter(str(dev)).start()
     tokens_per_step = t.global_batch_size * t.seq_len
     flops_per_token = cfg.model.flops_per_token(t.seq_len)

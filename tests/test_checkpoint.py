@@ -103,6 +103,21 @@ def test_sigterm_saves_exits_75_and_resumes(reference, tmp_path):
     _assert_bitwise(run_dir, reference[1])
 
 
+def test_preemption_during_startup_is_kept(tmp_path):
+    """SIGUSR1 while the engine is still being built (a job preempted during a long start-up) is
+    acted on at the first step boundary: a checkpoint and exit 75, not death by the signal's
+    default action with nothing saved (the handlers used to be installed after start-up)."""
+    run_dir = tmp_path / "run"
+    code = ("import os, signal, sys; import megallama.train as T; build = T.build_engine\n"
+            "def early(*a):\n    os.kill(os.getpid(), signal.SIGUSR1)\n    return build(*a)\n"
+            "T.build_engine = early; from megallama import cli; sys.exit(cli.main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, *train_args(run_dir, "train.steps=4")], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 75, (r.returncode, r.stderr[-2000:])
+    assert "stopping on signal 10 after step 1" in r.stdout, r.stdout[-2000:]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000001"
+
+
 # ----------------------------------------------------------------------------- bad checkpoints
 
 def _damage_truncate(ckpt):

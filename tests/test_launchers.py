@@ -2,6 +2,7 @@
 single-process ``megallama train`` losses; plain ``megallama train`` is the reference.
 Rank discovery from srun's variables is checked against what SLURM documents."""
 
+import os
 import sys
 
 import pytest
@@ -75,3 +76,62 @@ def test_two_ranks_match_one_process(launcher, tmp_path, tmp_path_factory):
     r, _ = run([*LAUNCHERS[launcher](free_port()), "megallama", "train", *train_args(tmp_path / "run")], timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_matches_reference(tmp_path / "run", ref)
+
+
+_FAKE_LAUNCHER = """
+import os, subprocess, sys
+rank = subprocess.Popen([sys.executable, sys.argv[1]], env=dict(os.environ, LOCAL_RANK="0"))
+sys.exit(rank.wait())
+"""
+_FAKE_RANK = """
+import os, signal, subprocess, sys, time
+got = []
+signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
+worker = subprocess.Popen(["sleep", "60"])  # a child of the rank (a compile worker, a sandbox)
+open(os.path.join(os.environ["MEGALLAMA_LOG_DIR"], "ready"), "w").close()
+deadline = time.monotonic() + 30
+while not got and time.monotonic() < deadline:
+    time.sleep(0.05)
+worker.kill()
+sys.exit(75 if got else 1)
+"""
+
+
+def test_task_sh_forwards_preemption_to_the_ranks_not_their_children(tmp_path):
+    """slurm/task.sh --launcher signals the ranks (the launcher's topmost LOCAL_RANK processes): a
+    rank with a child of its own still gets SIGUSR1 (it used to go to the leaf, the child), exits 75,
+    and the task records the preemption."""
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "launcher.py").write_text(_FAKE_LAUNCHER)
+    (tmp_path / "rank.py").write_text(_FAKE_RANK)
+    env = dict(os.environ, MEGALLAMA_LOG_DIR=str(tmp_path))
+    task = subprocess.Popen(["bash", str(root / "slurm" / "task.sh"), "--launcher", sys.executable,
+                             str(tmp_path / "launcher.py"), str(tmp_path / "rank.py")], env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "ready").exists():
+            assert time.monotonic() < deadline and task.poll() is None, "the fake rank did not start"
+            time.sleep(0.05)
+        task.send_signal(signal.SIGUSR1)
+        assert task.wait(timeout=30) == 75
+    finally:
+        task.kill()
+    assert (tmp_path / "preempted").exists()
+
+
+@pytest.mark.parametrize("value", ["two", "", "0", "-1", "2.5"])
+def test_a_bad_world_size_variable_is_one_line_exit_2(tmp_path, value):
+    """WORLD_SIZE that is not a positive integer: a one-line error naming it (was a ValueError traceback)."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")}
+    env.update(WORLD_SIZE=value or " ", DS_ACCELERATOR="cpu")
+    r = subprocess.run([sys.executable, "-m", "megallama", "train", "--preset", "tiny", "--set",
+                        f"train.run_dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "WORLD_SIZE=" in r.stderr and not (tmp_path / "run").exists()
