@@ -278,6 +278,9 @@ def test_build_datasets_errors(corpus, tmp_path):
         build_datasets(_cfg(tmp_path, src))
     with pytest.raises(ConfigError, match="data.sources is empty"):
         build_datasets(_cfg(tmp_path, f"data.tokenizer={corpus['tok']}"))
+    for name in ("tokenizer_sample_mb", "default_corpus_mb"):  # the default corpus's sizes, not the vocabulary
+        with pytest.raises(ConfigError, match=rf"data.{name} must be a positive number"):
+            build_datasets(_cfg(tmp_path, f"data.{name}=0"))
 
 
 @pytest.mark.slow

@@ -153,6 +153,9 @@ def _check_config(cfg) -> None:
     if not 0 <= d.valid_fraction < 1:
         raise ConfigError(f"data.valid_fraction must be in [0, 1), got {d.valid_fraction}")
     check_sources(d.sources)
+    for name in ("default_corpus_mb", "tokenizer_sample_mb"):  # else blamed on model.vocab_size below
+        if not getattr(d, name) > 0:
+            raise ConfigError(f"data.{name} must be a positive number of megabytes, got {getattr(d, name)}")
     if d.sources and not d.tokenizer:
         raise ConfigError("data.tokenizer is empty but data.sources is set; set it to the .model file "
                           "the sources were preprocessed with")
