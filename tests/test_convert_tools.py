@@ -140,6 +140,25 @@ def test_export_hf_sharded_then_import_gives_identical_weights(model_ckpt, tmp_p
         assert torch.equal(a.full(n)[:500], b.full(n)[:500]), n
 
 
+
+def test_import_hf_reads_rope_theta_from_rope_parameters(model_ckpt, tmp_path):
+    """transformers >= 5 writes ``"rope_parameters": {"rope_theta": ..., "rope_type": "default"}``
+    and no top-level rope_theta: the import used 10000 for every such model (Llama 3's 500000
+    gave silently wrong logits); a scaled rope_type there is refused like rope_scaling."""
+    from tools.hf import export_hf, import_hf
+
+    ckpt, _ = model_ckpt
+    export_hf(ckpt, tmp_path / "hf")
+    c = json.loads((tmp_path / "hf" / "config.json").read_text())
+    c.pop("rope_theta")
+    c["rope_parameters"] = {"rope_theta": 500000.0, "rope_type": "default"}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(c))
+    assert CheckpointReader(import_hf(tmp_path / "hf", tmp_path / "back")).config.model.rope_theta == 500000.0
+    c["rope_parameters"] = {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(c))
+    r = megallama("import-hf", str(tmp_path / "hf"), "--output", str(tmp_path / "scaled"))
+    assert r.returncode == 2 and "rope_type 'llama3'" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
 # ----------------------------------------------------------------------------- Meta
 
 def test_meta_round_trip_with_two_model_parallel_shards(model_ckpt, tmp_path):

@@ -148,6 +148,15 @@ def model_config_from_hf(path: Path) -> ModelConfig:
 
     refuse(c.get("model_type") != "llama", f"model_type '{c.get('model_type')}'")
     refuse(bool(c.get("rope_scaling")), "rope_scaling")
+    # transformers >= 5 writes rope settings as "rope_parameters": {"rope_theta", "rope_type", ...}
+    # instead of a top-level rope_theta (and rope_scaling)
+    rope = c.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"'{path}': 'rope_parameters' must be a JSON object; pass the config.json of a "
+                              "Hugging Face LLaMA model")
+    refuse(rope.get("rope_type", rope.get("type", "default")) != "default",
+           f"rope_parameters rope_type '{rope.get('rope_type', rope.get('type'))}' (rope scaling)")
+    theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
     refuse(bool(c.get("attention_bias")) or bool(c.get("mlp_bias")), "attention_bias/mlp_bias (biases)")
     refuse(c.get("hidden_act", "silu") != "silu", f"hidden_act '{c.get('hidden_act')}'")
     dim, heads = c["hidden_size"], c["num_attention_heads"]
@@ -156,7 +165,7 @@ def model_config_from_hf(path: Path) -> ModelConfig:
     multiple, mult = ffn_settings(dim, c["intermediate_size"])
     return ModelConfig(dim=dim, n_layers=c["num_hidden_layers"], n_heads=heads, n_kv_heads=None if kv == heads else kv,
                        vocab_size=c["vocab_size"], multiple_of=multiple, ffn_dim_multiplier=mult,
-                       norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta", 10000.0),
+                       norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=theta,
                        max_seq_len=c.get("max_position_embeddings", 2048))
 
 
