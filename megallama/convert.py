@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from megallama.config import ModelConfig
+from megallama.errors import CheckpointError
 
 Tensors = dict[str, torch.Tensor]
 
@@ -59,6 +60,9 @@ def meta_to_ours(sd: Tensors, cfg: ModelConfig, tp: int = 1) -> Tensors:
         elif name.endswith(("attention.wk.weight", "attention.wv.weight", "feed_forward.w3.weight")):
             continue
         elif name in ("tok_embeddings.weight", "output.weight"):
+            if t.shape[0] != cfg.vocab_size:  # zero-padding a short matrix would invent tokens
+                raise CheckpointError(f"'{name}' has {t.shape[0]} rows but the model's vocab_size is "
+                                      f"{cfg.vocab_size}; the weights and their config disagree")
             pad = cfg.padded_vocab_size(tp) - t.shape[0]
             out[name] = torch.cat([t, t.new_zeros(pad, t.shape[1])]) if pad else t
         elif name == "rope.freqs" or name.endswith("inner_attention.rope.freqs"):

@@ -233,6 +233,17 @@ def _meta_no_dim(d):
     return ["import-meta", str(d)], "params.json' has no integer 'dim'"
 
 
+def _hf_vocab_mismatch(d):  # config.json smaller than the embedding: a traceback (negative padding)
+    c = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**c, "vocab_size": c["vocab_size"] - 4}))
+    return ["import-hf", str(d)], "has 500 rows but the model's vocab_size is 496"
+
+
+def _meta_vocab_mismatch(d):  # params.json larger than the embedding: zero rows were silently made tokens
+    p = json.loads((d / "params.json").read_text())
+    (d / "params.json").write_text(json.dumps({**p, "vocab_size": p["vocab_size"] + 4}))
+    return ["import-meta", str(d)], "has 500 rows but the model's vocab_size is 504"
+
 def _meta_missing_shard(d):
     (d / "consolidated.00.pth").unlink()
     return ["import-meta", str(d)], "consolidated.00.pth' is missing"
@@ -257,9 +268,10 @@ def _meta_pickle_code(d):
 
 @pytest.mark.parametrize("damage", [pytest.param(_hf_rope_scaling, marks=pytest.mark.slow), _hf_corrupt,
                                     pytest.param(_meta_missing_shard, marks=pytest.mark.slow), _meta_other_shape,
-                                    _meta_pickle_code, _hf_no_hidden_size, _meta_no_dim],
+                                    _meta_pickle_code, _hf_no_hidden_size, _meta_no_dim, _hf_vocab_mismatch,
+                                    _meta_vocab_mismatch],
                          ids=["hf-rope-scaling", "hf-corrupt", "meta-missing-shard", "meta-shape", "meta-pickle",
-                              "hf-no-hidden-size", "meta-no-dim"])
+                              "hf-no-hidden-size", "meta-no-dim", "hf-vocab-mismatch", "meta-vocab-mismatch"])
 def test_bad_sources_are_one_line_errors(model_ckpt, tmp_path, damage):
     from tools.hf import export_hf
     from tools.meta import export_meta
