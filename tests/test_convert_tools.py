@@ -244,6 +244,17 @@ def _meta_vocab_mismatch(d):  # params.json larger than the embedding: zero rows
     (d / "params.json").write_text(json.dumps({**p, "vocab_size": p["vocab_size"] + 4}))
     return ["import-meta", str(d)], "has 500 rows but the model's vocab_size is 504"
 
+def _hf_non_numeric(d):  # a string where a number belongs: validation raised a TypeError traceback
+    c = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**c, "rms_norm_eps": "1e-5"}))
+    return ["import-hf", str(d)], "config.json': 'rms_norm_eps' must be a number, got '1e-5'"
+
+
+def _meta_non_numeric(d):
+    p = json.loads((d / "params.json").read_text())
+    (d / "params.json").write_text(json.dumps({**p, "multiple_of": "256"}))
+    return ["import-meta", str(d)], "params.json': 'multiple_of' must be an integer, got '256'"
+
 def _meta_missing_shard(d):
     (d / "consolidated.00.pth").unlink()
     return ["import-meta", str(d)], "consolidated.00.pth' is missing"
@@ -269,9 +280,10 @@ def _meta_pickle_code(d):
 @pytest.mark.parametrize("damage", [pytest.param(_hf_rope_scaling, marks=pytest.mark.slow), _hf_corrupt,
                                     pytest.param(_meta_missing_shard, marks=pytest.mark.slow), _meta_other_shape,
                                     _meta_pickle_code, _hf_no_hidden_size, _meta_no_dim, _hf_vocab_mismatch,
-                                    _meta_vocab_mismatch],
+                                    _meta_vocab_mismatch, _hf_non_numeric, _meta_non_numeric],
                          ids=["hf-rope-scaling", "hf-corrupt", "meta-missing-shard", "meta-shape", "meta-pickle",
-                              "hf-no-hidden-size", "meta-no-dim", "hf-vocab-mismatch", "meta-vocab-mismatch"])
+                              "hf-no-hidden-size", "meta-no-dim", "hf-vocab-mismatch", "meta-vocab-mismatch",
+                              "hf-non-numeric", "meta-non-numeric"])
 def test_bad_sources_are_one_line_errors(model_ckpt, tmp_path, damage):
     from tools.hf import export_hf
     from tools.meta import export_meta

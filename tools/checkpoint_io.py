@@ -24,6 +24,18 @@ def add_layout_arguments(p, what: str) -> None:
     p.add_argument("--pp", type=int, default=1, help=f"pipeline stages of the {what} (default: 1)")
 
 
+def source_number(values: dict, key: str, default, path, integer: bool = False):
+    """``values[key]`` of a source's config file (``default`` when absent or null), refused in one
+    line unless it is a number (an integer if ``integer``): validation would fail on it with a
+    traceback."""
+    value = values.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise CheckpointError(f"'{path}': '{key}' must be {'an integer' if integer else 'a number'}, "
+                              f"got {value!r}; fix the model's config file")
+    return value
+
 def ffn_settings(dim: int, hidden: int) -> tuple[int, Optional[float]]:
     """(multiple_of, ffn_dim_multiplier) that make :attr:`ModelConfig.ffn_hidden` equal ``hidden``.
 

@@ -24,7 +24,7 @@ from megallama.config import ModelConfig
 from megallama.convert import hf_config, hf_to_ours, ours_to_hf
 from megallama.errors import CheckpointError, UserError
 from tools.checkpoint_io import (add_layout_arguments, building, check_new_output, check_not_source,
-                                 commit_directory, ffn_settings, imported_config)
+                                 commit_directory, ffn_settings, imported_config, source_number)
 
 # ----------------------------------------------------------------------------- export
 
@@ -156,17 +156,17 @@ def model_config_from_hf(path: Path) -> ModelConfig:
                               "Hugging Face LLaMA model")
     refuse(rope.get("rope_type", rope.get("type", "default")) != "default",
            f"rope_parameters rope_type '{rope.get('rope_type', rope.get('type'))}' (rope scaling)")
-    theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
+    theta = source_number(c, "rope_theta", source_number(rope, "rope_theta", 10000.0, path), path)
     refuse(bool(c.get("attention_bias")) or bool(c.get("mlp_bias")), "attention_bias/mlp_bias (biases)")
     refuse(c.get("hidden_act", "silu") != "silu", f"hidden_act '{c.get('hidden_act')}'")
     dim, heads = c["hidden_size"], c["num_attention_heads"]
     refuse(c.get("head_dim") not in (None, dim // heads), f"head_dim {c.get('head_dim')} != hidden/heads")
-    kv = c.get("num_key_value_heads") or heads
+    kv = source_number(c, "num_key_value_heads", heads, path, integer=True) or heads
     multiple, mult = ffn_settings(dim, c["intermediate_size"])
     return ModelConfig(dim=dim, n_layers=c["num_hidden_layers"], n_heads=heads, n_kv_heads=None if kv == heads else kv,
                        vocab_size=c["vocab_size"], multiple_of=multiple, ffn_dim_multiplier=mult,
-                       norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=theta,
-                       max_seq_len=c.get("max_position_embeddings", 2048))
+                       norm_eps=source_number(c, "rms_norm_eps", 1e-6, path), rope_theta=theta,
+                       max_seq_len=source_number(c, "max_position_embeddings", 2048, path, integer=True))
 
 
 def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ from megallama.config import ModelConfig
 from megallama.convert import meta_to_ours, ours_to_meta
 from megallama.errors import CheckpointError
 from tools.checkpoint_io import (add_layout_arguments, building, check_new_output, check_not_source,
-                                 commit_directory, imported_config)
+                                 commit_directory, imported_config, source_number)
 
 # suffix of a Meta parameter name -> dimension its model-parallel shards are concatenated on
 # (None: replicated, every shard holds the full tensor)
@@ -61,12 +61,15 @@ def model_config_from_params(path: Path, vocab_rows: int) -> ModelConfig:
     if p.get("use_scaled_rope"):
         raise CheckpointError(f"'{path}': use_scaled_rope (Llama 3.1 rope scaling) is not supported; "
                               "convert a plain LLaMA model")
-    vocab = p.get("vocab_size", -1)
-    return ModelConfig(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p.get("n_kv_heads"),
+    vocab = source_number(p, "vocab_size", -1, path, integer=True)
+    return ModelConfig(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
+                       n_kv_heads=source_number(p, "n_kv_heads", None, path, integer=True),
                        vocab_size=vocab if vocab and vocab > 0 else vocab_rows,  # -1 in the 2023 release
-                       multiple_of=p.get("multiple_of", 256), ffn_dim_multiplier=p.get("ffn_dim_multiplier"),
-                       norm_eps=p.get("norm_eps", 1e-6), rope_theta=p.get("rope_theta", 10000.0),
-                       max_seq_len=p.get("max_seq_len", 2048))
+                       multiple_of=source_number(p, "multiple_of", 256, path, integer=True),
+                       ffn_dim_multiplier=source_number(p, "ffn_dim_multiplier", None, path),
+                       norm_eps=source_number(p, "norm_eps", 1e-6, path),
+                       rope_theta=source_number(p, "rope_theta", 10000.0, path),
+                       max_seq_len=source_number(p, "max_seq_len", 2048, path, integer=True))
 
 
 def shard_paths(directory: Path) -> list[Path]:
