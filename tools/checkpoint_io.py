@@ -36,6 +36,7 @@ def source_number(values: dict, key: str, default, path, integer: bool = False):
                               f"got {value!r}; fix the model's config file")
     return value
 
+
 def ffn_settings(dim: int, hidden: int) -> tuple[int, Optional[float]]:
     """(multiple_of, ffn_dim_multiplier) that make :attr:`ModelConfig.ffn_hidden` equal ``hidden``.
 
