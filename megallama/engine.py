@@ -83,6 +83,14 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "fp16": {"enabled": t.precision == "fp16"},
         "zero_allow_untested_optimizer": True,
     }
+    zt = template.get("zero_optimization")
+    zt = zt if isinstance(zt, dict) else {}
+    offloaded = {k for k in ("offload_optimizer", "offload_param")
+                 if isinstance(zt.get(k), dict) and zt[k].get("device", "none") != "none"}
+    if "offload_optimizer" in offloaded:
+        # the optimizer is torch's AdamW (fused on CPU), not DeepSpeedCPUAdam (a JIT build); DeepSpeed
+        # refuses a client optimizer under ZeRO-Offload unless told it is meant
+        derived["zero_force_ds_cpu_optimizer"] = False
     for key in _OWNED:
         theirs, ours = _get(template, key), _get(derived, key)
         if theirs is not None and theirs != ours:
@@ -93,6 +101,12 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
                        }.get(key, "train.precision")
             raise ConfigError(f"DeepSpeed template '{where}' sets {key}={theirs} but the megallama config gives "
                               f"{ours} ({section}); remove it from the template, megallama derives it")
+    if "offload_param" in offloaded and p.zero_stage != 3:
+        raise ConfigError(f"DeepSpeed template '{where}' offloads parameters (zero_optimization.offload_param), "
+                          f"which needs ZeRO-3; set parallel.zero_stage=3 (it is {p.zero_stage})")
+    if "offload_optimizer" in offloaded and p.zero_stage == 0:
+        raise ConfigError(f"DeepSpeed template '{where}' offloads the optimizer (zero_optimization.offload_optimizer), "
+                          "which needs ZeRO; set parallel.zero_stage to 1, 2 or 3 (it is 0)")
     precision = {"bf16": "bf16.json", "fp16": "fp16.json"}.get(t.precision)
     if precision:
         template = _merge(json.loads((DS_CONFIG_DIR / precision).read_text()), template)

@@ -51,6 +51,7 @@ def run(args) -> int:
     world = world_size_from_env()
     cfg = finetune_config(config_from_args(args, world, default_preset="demo"), args)
     check_environment(cfg)
+    deepspeed_config(cfg, world)  # a bad or contradicting ds_template: one line before any process group
     together = False  # whether every rank reaches the end, so they can leave the group in step
     try:
         train(cfg)

@@ -63,6 +63,32 @@ def test_contradicting_template_is_an_error(tmp_path):
         deepspeed_config(cfg, 1)
 
 
+def test_offload_template_takes_its_stage_from_the_config():
+    cfg = validate(load_config(None, ["train.ds_template=offload.json", "parallel.zero_stage=3"], preset="tiny"), 1)
+    ds = deepspeed_config(cfg, 1)
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
+    # torch's AdamW under ZeRO-Offload: DeepSpeed refuses a client optimizer unless told it is meant
+    assert ds["zero_force_ds_cpu_optimizer"] is False
+    cfg = validate(load_config(None, ["train.ds_template=offload.json"], preset="tiny"), 1)  # zero_stage 1
+    with pytest.raises(ConfigError, match=r"offloads parameters .*set parallel.zero_stage=3 \(it is 1\)"):
+        deepspeed_config(cfg, 1)
+
+
+def test_template_errors_come_before_any_process_group(monkeypatch, tmp_path):
+    import argparse
+
+    import megallama.train as mt
+
+    monkeypatch.setattr(mt, "train", lambda cfg: pytest.fail("train() started before the template was checked"))
+    parser = argparse.ArgumentParser()
+    mt.add_arguments(parser)
+    args = parser.parse_args(["--preset", "tiny", "--set", "train.ds_template=zero3.json",
+                              "--set", f"train.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="sets zero_optimization.stage=3 but the megallama config gives 1"):
+        mt.run(args)
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "megallama", "train", *args], capture_output=True, text=True)
 
