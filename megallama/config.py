@@ -145,6 +145,10 @@ class TrainConfig:
             return self.steps
         return max(1, math.ceil(self.tokens / (self.global_batch_size * self.seq_len)))
 
+    def total_tokens(self) -> int:
+        """The run's token budget: ``tokens``, or ``steps`` x tokens per step when steps is set."""
+        return self.steps * self.global_batch_size * self.seq_len if self.steps else self.tokens
+
 
 @dataclass
 class Config:

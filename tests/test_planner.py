@@ -39,6 +39,25 @@ def test_tokens_per_second_and_days_are_consistent():
     assert est.gpu_hours == pytest.approx(est.days * 24 * 2048)
 
 
+def test_a_config_with_train_steps_is_planned_for_its_steps():
+    """train.steps wins over train.tokens in training, so it does in the planner (the demo trains 200 steps)."""
+    cfg = preset_config("demo")
+    lay = Layout(gpus=1, tp=1, pp=1, zero_stage=1, micro_batch=8, seq_len=256, global_batch=16,
+                 checkpointing="none", sequence_parallel=False, precision="fp32")
+    est = plan(cfg, lay, A100)
+    assert est.days == pytest.approx(200 * 16 * 256 / est.tokens_per_sec_per_gpu / 86400)
+    assert cfg.train.total_tokens() == 200 * 16 * 256
+
+
+def test_mixture_budget_follows_train_steps(tmp_path):
+    c = tmp_path / "m.yaml"
+    c.write_text("train: {steps: 10, global_batch_size: 4, seq_len: 8}\n"
+                 "data:\n  sources:\n    - {name: A, path: nowhere/a, weight: 1.0, tokens: 1000}\n")
+    r = megallama("mixture", "--config", str(c))
+    assert r.returncode == 0, r.stderr
+    assert "for 320 training tokens" in r.stdout, r.stdout
+
+
 @pytest.mark.parametrize("params,gpus", [(7_000_000_000, 8), (65_285_660_672, 64), (1_000_000, 3)])
 def test_zero2_model_states_match_deepspeed(params, gpus):
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs

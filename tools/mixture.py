@@ -23,7 +23,8 @@ def add_arguments(p) -> None:
     p.add_argument("--config", default=str(DEFAULT_CONFIG),
                    help="config with data.sources (default: the paper's Table 1 mixture)")
     p.add_argument("--tokens", type=float, default=None,
-                   help="token budget (default: train.tokens of the config)")
+                   help="token budget (default: the config's, train.tokens or "
+                   "train.steps x global_batch_size x seq_len)")
 
 
 def source_tokens(path: str, declared: int, name: str) -> int:
@@ -50,7 +51,7 @@ def run(args) -> int:
         if not (s.weight > 0 and math.isfinite(s.weight)):
             raise ConfigError(f"data.sources[{i}].weight ({s.name or s.path}) must be a positive number, "
                               f"got {s.weight}; fix it in '{args.config}'")
-    raw = args.tokens if args.tokens is not None else cfg.train.tokens
+    raw = args.tokens if args.tokens is not None else cfg.train.total_tokens()
     if not math.isfinite(raw) or int(raw) <= 0:
         raise ConfigError(f"--tokens must be a positive number of tokens, got {raw}")
     budget = int(raw)

@@ -306,7 +306,8 @@ def plan(cfg: Config, lay: Layout, gpu: GpuSpec, tokens: Optional[int] = None,
     eff = gpu.matmul_efficiency if matmul_efficiency is None else matmul_efficiency
     mem = memory_bytes(m, lay)
     times = step_time(m, lay, gpu, eff)
-    tokens = cfg.train.tokens if tokens is None else tokens
+    if tokens is None:  # the run's budget: train.tokens, or train.steps of this layout's batches
+        tokens = cfg.train.steps * lay.global_batch * lay.seq_len if cfg.train.steps else cfg.train.tokens
     tok_s_gpu = lay.global_batch * lay.seq_len / times["total"] / lay.gpus
     seconds = tokens / (tok_s_gpu * lay.gpus)
     gpu_hours = seconds * lay.gpus / 3600
@@ -438,7 +439,8 @@ def add_arguments(p):
     p.add_argument("--no-sequence-parallel", action="store_true", help="replicate norm/dropout activations over tp")
     p.add_argument("--eager-attention", action="store_true",
                    help="attention stores its s x s probabilities (default: memory-efficient attention)")
-    p.add_argument("--tokens", type=float, default=None, help="token budget for 'days' (default: the config's)")
+    p.add_argument("--tokens", type=float, default=None, help="token budget for 'days' (default: the config's, train.tokens "
+                   "or train.steps x global batch x seq_len)")
     p.add_argument("--calibrate-step-time", type=float, default=None, metavar="SECONDS",
                    help="a step time measured with this layout on this machine: fit the matmul efficiency to it")
     p.add_argument("--calibrate-from", default=None, metavar="RUN_DIR",

@@ -18,8 +18,7 @@ def rows():
         yield dict(
             preset=name, params=m.num_parameters(), dim=m.dim, n_heads=m.n_heads, n_layers=m.n_layers,
             ffn_hidden=m.ffn_hidden, vocab=m.vocab_size, seq_len=t.seq_len, lr=c.optim.lr,
-            batch_tokens=t.global_batch_size * t.seq_len, tokens=t.tokens if not t.steps else
-            t.steps * t.global_batch_size * t.seq_len,
+            batch_tokens=t.global_batch_size * t.seq_len, tokens=t.total_tokens(),
         )
 
 
