@@ -39,9 +39,17 @@ def _load_template(cfg: Config) -> tuple[dict, str]:
         raise ConfigError(f"train.ds_template '{name}' not found (looked in ds_configs/); "
                           f"use one of: {', '.join(sorted(p.name for p in DS_CONFIG_DIR.glob('*.json')))}")
     try:
-        return json.loads(path.read_text()), str(path)
+        template = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"DeepSpeed template '{path}:{exc.lineno}' is not valid JSON: {exc.msg}") from None
+    if not isinstance(template, dict):
+        raise ConfigError(f"DeepSpeed template '{path}' must be a JSON object of DeepSpeed settings, "
+                          f"got a {type(template).__name__}")
+    for key in ("zero_optimization", "bf16", "fp16", "pipeline"):  # sections megallama merges into
+        if key in template and not isinstance(template[key], dict):
+            raise ConfigError(f"DeepSpeed template '{path}': '{key}' must be an object, got {template[key]!r}; "
+                              f"give {{...}} settings (the stage and precision come from the megallama config)")
+    return template, str(path)
 
 
 def _get(d: dict, dotted: str):

@@ -63,6 +63,17 @@ def test_contradicting_template_is_an_error(tmp_path):
         deepspeed_config(cfg, 1)
 
 
+@pytest.mark.parametrize("text,needle", [('{"zero_optimization": true}', "'zero_optimization' must be an object"),
+                                          ('[1, 2]', "must be a JSON object of DeepSpeed settings, got a list"),
+                                          ('{"bf16": 1}', "'bf16' must be an object")])
+def test_malformed_template_is_a_one_line_error(tmp_path, text, needle):
+    t = tmp_path / "t.json"
+    t.write_text(text)
+    cfg = validate(load_config(None, [f"train.ds_template={t}"], preset="tiny"), 1)
+    with pytest.raises(ConfigError, match=needle):
+        deepspeed_config(cfg, 1)
+
+
 def test_offload_template_takes_its_stage_from_the_config():
     cfg = validate(load_config(None, ["train.ds_template=offload.json", "parallel.zero_stage=3"], preset="tiny"), 1)
     ds = deepspeed_config(cfg, 1)
