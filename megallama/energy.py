@@ -158,16 +158,20 @@ class EnergyMeter:
 
 
 def write_summary(run_dir, meter: EnergyMeter, intensity_kg_per_kwh: float = 0.385, pue: float = 1.1,
-                  world_size: int = 1) -> dict:
-    """Write ``energy.json`` atomically; multiply by ``world_size`` when every rank is alike.
+                  world_size: int = 1, hosts: Optional[int] = None) -> dict:
+    """Write ``energy.json`` atomically: rank 0's figure scaled to the whole job.
 
-    Called on rank 0 with the world size: each rank runs the same work on the same kind
-    of device, so the job's energy is rank 0's times the number of ranks.
+    Called on rank 0.  Every rank runs the same work on the same kind of device, so a GPU job's
+    energy is rank 0's (its own GPU) times ``world_size``.  A CPU meter reads the whole host (RAPL's
+    package counters, or all its cores at nominal power), which every rank on that host shares:
+    the job's energy is then rank 0's times the number of ``hosts`` (``None``: one rank per host).
     """
     s = meter.summary(intensity_kg_per_kwh, pue)
+    scale = world_size if meter._is_gpu() or hosts is None else hosts
     for key in ("kwh", "tco2eq", "device_kwh", "device_hours"):
-        s[key] *= world_size
+        s[key] *= scale
     s["world_size"] = world_size
+    s["scaled_by"] = scale
     path = Path(run_dir) / "energy.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(s, indent=1) + "\n")

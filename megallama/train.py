@@ -13,6 +13,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -418,9 +419,14 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
                       tokens_per_sec=progress.mean_tokens_per_sec(), mfu=progress.mean_mfu(),
                       data_wait_fraction=wait_total / max(time_total, 1e-9), losses=losses,
                       grad_norms=grad_norms, bad_steps=monitor.bad_steps)
+    hosts = None
+    if dev.type == "cpu":  # the CPU meter reads the whole host, shared by its ranks: count the hosts
+        names = [None] * ctx.world_size
+        dist.all_gather_object(names, socket.gethostname())
+        hosts = len(set(names))
     if rank0:
         _write_summary(cfg, summary)
-        write_energy_summary(t.run_dir, meter, world_size=ctx.world_size)
+        write_energy_summary(t.run_dir, meter, world_size=ctx.world_size, hosts=hosts)
         log.close()
         if writer is not None:
             writer.close()

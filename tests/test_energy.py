@@ -109,6 +109,20 @@ def test_write_summary_scales_by_world_size(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_cpu_meter_is_scaled_by_hosts_not_ranks(tmp_path, monkeypatch):
+    """A CPU meter reads the whole host (RAPL, or all its cores at nominal power): 4 ranks on 1 host
+    used the host's energy once, not 4 times; on 2 hosts twice.  A GPU meter is per rank."""
+    clock = Clock()
+    m = EnergyMeter("cpu", nominal_power_w=100.0, clock=clock, powercap_root=tmp_path / "none").start()
+    clock.t += 3600
+    assert write_summary(tmp_path, m, 0.385, 1.0, world_size=4, hosts=1)["device_kwh"] == pytest.approx(0.1)
+    assert write_summary(tmp_path, m, 0.385, 1.0, world_size=4, hosts=2)["device_kwh"] == pytest.approx(0.2)
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    g = EnergyMeter("cuda", nominal_power_w=100.0, clock=clock).start()
+    clock.t += 3600
+    assert write_summary(tmp_path, g, 0.385, 1.0, world_size=4, hosts=1)["device_kwh"] == pytest.approx(0.4)
+
+
 @pytest.mark.parametrize("name,spec", [
     ("NVIDIA A100-SXM4-80GB", "A100-80GB"), ("NVIDIA A100-SXM4-40GB", "A100-40GB"),
     ("NVIDIA A100-PCIE-40GB", "A100-40GB"), ("NVIDIA H100 80GB HBM3", "H100-80GB"),
