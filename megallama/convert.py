@@ -47,16 +47,24 @@ def ours_to_meta(sd: Tensors, cfg: ModelConfig) -> Tensors:
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def _partners(sd: Tensors, name: str, base: str, *parts: str) -> list:
+    """The tensors fused with ``name`` (wk/wv with wq, w3 with w1): a missing one is an incomplete source."""
+    missing = [base + p for p in parts if base + p not in sd]
+    if missing:
+        raise CheckpointError(f"the weights hold '{name}' but not '{missing[0]}'; the model files are incomplete")
+    return [sd[base + p] for p in parts]
+
+
 def meta_to_ours(sd: Tensors, cfg: ModelConfig, tp: int = 1) -> Tensors:
     """Inverse of :func:`ours_to_meta`; vocabulary rows are zero-padded for ``tp``."""
     out: Tensors = {}
     for name, t in sd.items():
         if name.endswith("attention.wq.weight"):
             base = name[: -len("wq.weight")]
-            out[base + "wqkv.weight"] = torch.cat([t, sd[base + "wk.weight"], sd[base + "wv.weight"]])
+            out[base + "wqkv.weight"] = torch.cat([t, *_partners(sd, name, base, "wk.weight", "wv.weight")])
         elif name.endswith("feed_forward.w1.weight"):
             base = name[: -len("w1.weight")]
-            out[base + "w13.weight"] = torch.cat([t, sd[base + "w3.weight"]])
+            out[base + "w13.weight"] = torch.cat([t, *_partners(sd, name, base, "w3.weight")])
         elif name.endswith(("attention.wk.weight", "attention.wv.weight", "feed_forward.w3.weight")):
             continue
         elif name in ("tok_embeddings.weight", "output.weight"):
@@ -110,8 +118,10 @@ def hf_to_meta(sd: Tensors, cfg: ModelConfig) -> Tensors:
         if name in top:
             out[top[name]] = t
             continue
-        if not name.startswith("model.layers.") or name.endswith("rotary_emb.inv_freq"):
-            continue
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # a buffer some checkpoints carry
+        if not name.startswith("model.layers."):
+            raise KeyError(name)  # a top-level tensor LLaMA lacks (a score head, biases...): refused, not dropped
         _, _, layer, rest = name.split(".", 3)
         meta = inner[rest]
         if meta == "attention.wq.weight":

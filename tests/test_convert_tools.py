@@ -244,6 +244,7 @@ def _meta_vocab_mismatch(d):  # params.json larger than the embedding: zero rows
     (d / "params.json").write_text(json.dumps({**p, "vocab_size": p["vocab_size"] + 4}))
     return ["import-meta", str(d)], "has 500 rows but the model's vocab_size is 504"
 
+
 def _hf_non_numeric(d):  # a string where a number belongs: validation raised a TypeError traceback
     c = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**c, "rms_norm_eps": "1e-5"}))
@@ -254,6 +255,24 @@ def _meta_non_numeric(d):
     p = json.loads((d / "params.json").read_text())
     (d / "params.json").write_text(json.dumps({**p, "multiple_of": "256"}))
     return ["import-meta", str(d)], "params.json': 'multiple_of' must be an integer, got '256'"
+
+
+def _edit_hf_weights(d, edit):
+    from safetensors.torch import load_file, save_file
+
+    f = d / "model.safetensors"
+    save_file(edit(load_file(str(f))), str(f), metadata={"format": "pt"})
+
+
+def _hf_missing_k_proj(d):  # was "holds tensor ... that a LLaMA model does not have": it lacks one
+    _edit_hf_weights(d, lambda t: {k: v for k, v in t.items() if k != "model.layers.0.self_attn.k_proj.weight"})
+    return ["import-hf", str(d)], "but not 'layers.0.attention.wk.weight'; the model files are incomplete"
+
+
+def _hf_extra_top_tensor(d):  # a top-level tensor LLaMA lacks (a classification head) was silently dropped
+    _edit_hf_weights(d, lambda t: {**t, "score.weight": t["lm_head.weight"][:2].clone()})
+    return ["import-hf", str(d)], "holds tensor 'score.weight' that a LLaMA model does not have"
+
 
 def _meta_missing_shard(d):
     (d / "consolidated.00.pth").unlink()
@@ -280,10 +299,11 @@ def _meta_pickle_code(d):
 @pytest.mark.parametrize("damage", [pytest.param(_hf_rope_scaling, marks=pytest.mark.slow), _hf_corrupt,
                                     pytest.param(_meta_missing_shard, marks=pytest.mark.slow), _meta_other_shape,
                                     _meta_pickle_code, _hf_no_hidden_size, _meta_no_dim, _hf_vocab_mismatch,
-                                    _meta_vocab_mismatch, _hf_non_numeric, _meta_non_numeric],
+                                    _meta_vocab_mismatch, _hf_non_numeric, _meta_non_numeric, _hf_missing_k_proj,
+                                    _hf_extra_top_tensor],
                          ids=["hf-rope-scaling", "hf-corrupt", "meta-missing-shard", "meta-shape", "meta-pickle",
                               "hf-no-hidden-size", "meta-no-dim", "hf-vocab-mismatch", "meta-vocab-mismatch",
-                              "hf-non-numeric", "meta-non-numeric"])
+                              "hf-non-numeric", "meta-non-numeric", "hf-missing-k-proj", "hf-extra-top-tensor"])
 def test_bad_sources_are_one_line_errors(model_ckpt, tmp_path, damage):
     from tools.hf import export_hf
     from tools.meta import export_meta
