@@ -60,13 +60,14 @@ class Progress:
     """Computes per-step scalars and prints one progress line per ``log_interval`` on rank 0."""
 
     def __init__(self, total_steps: int, tokens_per_step: int, flops_per_token: float, devices: int,
-                 peak_per_device: float, enabled: bool = True, log_interval: int = 1, stream=None):
+                 peak_per_device: float, enabled: bool = True, log_interval: int = 1, stream=None,
+                 consumed_tokens: int = 0):
         self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
         self.flops_per_token, self.devices, self.peak = flops_per_token, devices, peak_per_device
         self.enabled, self.log_interval = enabled, log_interval
         self.stream = stream or sys.stdout
         self.times: list[float] = []
-        self.consumed = 0
+        self.consumed = consumed_tokens  # the run's, from its checkpoint on a resume
 
     def update(self, step: int, loss: float, step_time: float, data_wait: float, lr: float,
                grad_norm: Optional[float], memory: int, loss_scale: Optional[float] = None) -> dict:

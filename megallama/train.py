@@ -360,14 +360,15 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
     tokens_per_step = t.global_batch_size * t.seq_len
     flops_per_token = cfg.model.flops_per_token(t.seq_len)
     progress = Progress(total_steps, tokens_per_step, flops_per_token, ctx.world_size,
-                        peak_flops_per_device(cfg), enabled=rank0, log_interval=t.log_interval)
-    writer = _tensorboard(cfg) if rank0 and t.tensorboard else None
+                        peak_flops_per_device(cfg), enabled=rank0, log_interval=t.log_interval,
+                        consumed_tokens=start_consumed * t.seq_len)
+    writer = _tensorboard(cfg, start_step) if rank0 and t.tensorboard else None
 
     losses, grad_norms, valid_loss = [], [], None
     wait_total, time_total = 0.0, 0.0
     if rank0:
         Path(t.run_dir).mkdir(parents=True, exist_ok=True)
-    log = open(Path(t.run_dir) / "metrics.jsonl", "a") if rank0 else None
+    log = _metrics_log(Path(t.run_dir) / "metrics.jsonl", start_step) if rank0 else None
     for step in range(start_step, total_steps):
         monitor.begin(step + 1)
         start, batches.wait = time.perf_counter(), 0.0
@@ -453,10 +454,31 @@ def _memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _tensorboard(cfg: Config):
+def _tensorboard(cfg: Config, start_step: int):
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=str(Path(cfg.train.run_dir) / "tensorboard"))
+    # a resume replays the steps after its checkpoint: hide the earlier session's events from then on
+    return SummaryWriter(log_dir=str(Path(cfg.train.run_dir) / "tensorboard"), purge_step=start_step + 1)
+
+
+def _metrics_log(path: Path, start_step: int):
+    """``metrics.jsonl`` opened for appending, without the lines of steps after ``start_step``: a
+    resume replays them, and each step keeps one line (a torn last line of a killed run goes too)."""
+    if path.is_file():
+        text, kept = path.read_text(), []
+        lines = text.splitlines()
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= start_step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+        if len(kept) == len(lines) and text.endswith("\n"):
+            return open(path, "a")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return open(path, "a")
 
 
 def _write_summary(cfg: Config, summary: Summary) -> None:

@@ -48,7 +48,7 @@ def metrics(run_dir) -> list[dict]:
 
 
 def last_per_step(rows: list[dict]) -> dict[int, dict]:
-    """The last logged value of each step (a resumed run logs the replayed steps again)."""
+    """The last logged value of each step (a resume drops the lines of the steps it replays)."""
     return {r["step"]: r for r in rows}
 
 

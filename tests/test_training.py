@@ -208,3 +208,26 @@ def test_save_interval_minus_one_keeps_no_checkpoint(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
     with pytest.raises(ConfigError, match=r"train.save_interval must be >= 0 \(0 = only at the end\) or -1"):
         validate(load_config(None, ["train.save_interval=-2"], preset="tiny"), 1)
+
+
+def test_resume_logs_each_step_once_and_counts_tokens_from_the_checkpoint(tmp_path):
+    """A run killed after step 3 (checkpoint at 2) and resumed replays step 3: metrics.jsonl and
+    TensorBoard hold it once, and train/consumed_tokens goes on from the checkpoint's position."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.launch import megallama, run
+
+    run_dir = tmp_path / "run"
+    cmd = megallama("train", "--preset", "tiny", "--set", "train.steps=4", "--set", "train.save_interval=2",
+                    "--set", f"train.run_dir={run_dir}")
+    killed, _ = run(cmd, timeout=240, MEGALLAMA_FAULT="die@4")
+    assert killed.returncode != 0 and (run_dir / "checkpoints" / "step_00000002").is_dir(), killed.stderr[-2000:]
+    done, _ = run(cmd, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4], rows
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tokens = [(e.step, e.value) for e in events.Scalars("train/consumed_tokens")]
+    per_step = 8 * 32  # tiny: global batch 8 x seq_len 32
+    assert tokens == [(s, s * per_step) for s in (1, 2, 3, 4)], tokens
