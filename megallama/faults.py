@@ -39,10 +39,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megallama.errors import say
+from megallama.errors import UserError, say
 
 EXIT_HALTED = 3  # stopped on purpose (too many bad steps); distinct from crashes (1) and bad input (2)
 FAULT_ENV = "MEGALLAMA_FAULT"
+
+
+class FaultSpecError(UserError, ValueError):
+    """A malformed ``MEGALLAMA_FAULT`` (one line, exit status 2)."""
 
 
 class TrainingHalted(RuntimeError):
@@ -96,7 +100,7 @@ class Faults:
             kind, _, where = item.partition("@")
             step, _, only = where.partition(":")
             if kind not in ("nan", "die", "hang", "diskfull") or not step.isdigit() or (only and not only.isdigit()):
-                raise ValueError(f"{FAULT_ENV}: bad item '{item}'; expected nan|die|hang|diskfull@STEP[:RANK]")
+                raise FaultSpecError(f"{FAULT_ENV}: bad item '{item}'; expected nan|die|hang|diskfull@STEP[:RANK]")
             if not only or int(only) == rank:
                 at[int(step)] = kind
         return cls(at)

@@ -31,7 +31,7 @@ from megallama.data.instruct import split_instruct_batch
 from megallama.engine import WarmupCosine, build_optimizer, deepspeed_config
 from megallama.energy import EnergyMeter, write_summary as write_energy_summary
 from megallama.errors import ConfigError, UserError, say
-from megallama.faults import EXIT_HALTED, StepMonitor, TrainingHalted, guard_nonfinite_steps, report_failure
+from megallama.faults import EXIT_HALTED, Faults, StepMonitor, TrainingHalted, guard_nonfinite_steps, report_failure
 from megallama.finetune import (_check_tokenizer, add_finetune_arguments, check_init_from, finetune_config,
                                  init_weights_from)
 from megallama.kernels import describe as describe_kernels
@@ -81,6 +81,7 @@ RUN_ARTEFACTS = {"checkpoints", "tensorboard", "metrics.jsonl", "heartbeats", "c
 
 def check_environment(cfg: Config) -> None:
     """Checks that need the machine, done before any process group or file exists."""
+    Faults.from_env(0)  # a malformed MEGALLAMA_FAULT: one line now, not a traceback on every rank later
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision=fp16 needs a GPU (no fp16 loss scaling on DeepSpeed's CPU backend); "
                           "use bf16 or fp32 on CPU")

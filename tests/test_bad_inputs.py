@@ -160,3 +160,15 @@ def test_resuming_at_another_seq_len_is_refused(tmp_path, capsys):
     assert f"checkpoint '{ckpt}' was trained with train.seq_len=32 but the config says 16" in err[0], err[0]
     assert "--set train.seq_len=32" in err[0] and f"--init-from {ckpt}" in err[0], err[0]
     assert snapshot(tmp_path) == before and not dist.is_initialized()
+
+
+def test_bad_fault_spec_is_one_line_exit_2_before_any_process_group(tmp_path, capsys, monkeypatch):
+    """MEGALLAMA_FAULT is read before the process group (it crashed rank 0 with a traceback, exit 1)."""
+    monkeypatch.setenv("MEGALLAMA_FAULT", "boom@2")
+    run_dir = tmp_path / "run"
+    status = main(["train", "--preset", "tiny", "--set", f"train.run_dir={run_dir}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    assert err[0] == ("megallama train: error: MEGALLAMA_FAULT: bad item 'boom@2'; "
+                      "expected nan|die|hang|diskfull@STEP[:RANK]"), err[0]
+    assert not run_dir.exists() and not dist.is_initialized()
