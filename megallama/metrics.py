@@ -9,7 +9,8 @@ times 3 with backward).  Recomputation is *not* counted: MFU measures useful wor
 
 Peak FLOP/s per device: ``train.device_peak_flops`` if set; otherwise the GPU's
 dense peak for the run's precision from :mod:`megallama.hardware`; on CPU (or an
-unknown GPU) a measured large fp32 matmul of this process.
+unknown GPU) a measured large matmul of this process in the run's precision
+(bf16 for a bf16 run, else fp32).
 """
 
 from __future__ import annotations
