@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from megallama.errors import UserError, say
 
+STARTED = time.time()  # this process's start (about): older heartbeats are an earlier session's
 EXIT_HALTED = 3  # stopped on purpose (too many bad steps); distinct from crashes (1) and bad input (2)
 FAULT_ENV = "MEGALLAMA_FAULT"
 
@@ -163,7 +164,7 @@ class Heartbeat:
                 hb = json.loads(f.read_text())
             except (OSError, ValueError):
                 continue
-            if hb["rank"] == self.rank:
+            if hb["rank"] == self.rank or hb["time"] < STARTED:  # this rank, or left by an earlier session
                 continue
             if hb["host"] == self.host and not _alive(hb["pid"]):
                 out.append(f"rank {hb['rank']} (pid {hb['pid']} on {hb['host']}) is gone after step {hb['step']}")
@@ -262,7 +263,10 @@ def report_failure(run_dir: str, exc: BaseException) -> None:
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
     path = Path(run_dir) / "heartbeats" / f"rank-{rank:05d}.json"
     try:
-        last = json.loads(path.read_text())["step"]
+        own = json.loads(path.read_text())
+        last = own["step"]
+        if own["pid"] != os.getpid():  # an earlier session's (a resume that failed while loading)
+            raise KeyError("pid")
     except (OSError, ValueError, KeyError):
         say(f"megallama train: rank {rank} failed before its first step: {type(exc).__name__}: {exc}")
         return

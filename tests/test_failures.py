@@ -144,3 +144,39 @@ def test_full_disk_fails_the_save_and_keeps_the_previous_checkpoint(tmp_path):
     # the kept checkpoint is whole: the same command resumes from it and finishes
     r, _ = run(megallama("train", *args), timeout=180)
     assert r.returncode == 0 and "(step 2" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_failure_report_ignores_the_heartbeats_of_an_earlier_session(tmp_path, capsys):
+    """A resumed run that fails while it loads (before its own first heartbeat) finds the last
+    session's files: it failed before its first step, and the old session's dead pids are no peers
+    of this one (it read "rank 0 failed after step 7 ...; rank 1 (pid ...) is gone after step 7")."""
+    from megallama.faults import Heartbeat, report_failure
+
+    old = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for rank in (0, 1):  # what the earlier session left: its ranks' pids, all gone now
+        hb = Heartbeat(str(tmp_path), rank)
+        hb.pid = int(old.stdout)
+        hb.beat(7)
+    report_failure(str(tmp_path), RuntimeError("Connection reset by peer"))
+    line = capsys.readouterr().err.strip()
+    assert line == ("megallama train: rank 0 failed before its first step: "
+                    "RuntimeError: Connection reset by peer"), line
+
+
+def test_a_peer_not_yet_started_is_not_named_from_an_earlier_sessions_heartbeat(tmp_path, capsys, monkeypatch):
+    """A resumed job whose rank 1 is still loading has only the last session's heartbeat for it:
+    its dead pid is not this job's rank 1 (it read "rank 1 (pid ...) is gone after step 7")."""
+    import json
+    import time
+
+    from megallama import faults
+
+    monkeypatch.setattr(faults, "PEER_SETTLE_S", 0.2)
+    old = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    faults.Heartbeat(str(tmp_path), 0).beat(2)
+    (tmp_path / "heartbeats" / "rank-00001.json").write_text(json.dumps(
+        dict(rank=1, host=faults.socket.gethostname(), pid=int(old.stdout), step=7, time=time.time() - 3600)))
+    faults.report_failure(str(tmp_path), RuntimeError("Connection reset by peer"))
+    line = capsys.readouterr().err.strip()
+    assert line == ("megallama train: rank 0 failed after step 2 (its last completed step): "
+                    "RuntimeError: Connection reset by peer"), line
