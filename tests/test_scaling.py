@@ -120,6 +120,8 @@ def test_cli_json(tmp_path):
     ("few", "at least 5"),
     ("nan", "must be positive and finite"),
     ("plot", "pip install matplotlib"),
+    ("not_utf8", "is not a readable CSV file"),
+    ("plot_folder", "does not exist; give a file path"),
 ])
 def test_cli_errors_exit_2(tmp_path, case, needle):
     path = tmp_path / "results.csv"
@@ -140,6 +142,11 @@ def test_cli_errors_exit_2(tmp_path, case, needle):
             pass
         write_csv(path, res)
         extra = ["--plot", str(tmp_path / "p.png")]  # .svg would work without matplotlib
+    elif case == "not_utf8":
+        path.write_bytes(b"\x00\xff\xfe not a csv\n")
+    elif case == "plot_folder":
+        write_csv(path, res)
+        extra = ["--bootstrap", "0", "--plot", str(tmp_path / "missing" / "fit.svg")]
     r = megallama("scaling-fit", str(path), *extra)
     assert r.returncode == 2, r.stdout
     assert needle in r.stderr and r.stderr.count("\n") == 1

@@ -67,24 +67,28 @@ def read_results(path: str, loss_column: str = "final_valid_loss") -> SweepResul
     p = Path(path)
     if not p.is_file():
         raise DataError(f"results file '{path}' does not exist; run 'megallama sweep' first or pass its results.csv")
-    with p.open(newline="") as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        missing = [c for c in ("params", "tokens", loss_column) if c not in cols]
-        if missing:
-            raise DataError(f"'{path}' lacks column(s) {', '.join(missing)}; expected the columns of a sweep's "
-                            "results.csv (params, tokens, flops, final_train_loss, final_valid_loss)")
-        rows = []
-        for i, row in enumerate(reader, start=2):
-            try:
-                n, d, loss = float(row["params"]), float(row["tokens"]), float(row[loss_column])
-                c = float(row["flops"]) if row.get("flops") else 6 * n * d
-            except (TypeError, ValueError):
-                raise DataError(f"'{path}' line {i}: params, tokens, flops and {loss_column} must be numbers") from None
-            if not all(math.isfinite(v) and v > 0 for v in (n, d, c, loss)):
-                raise DataError(f"'{path}' line {i}: params, tokens, flops and {loss_column} must be positive "
-                                "and finite (a diverged run? drop that line)")
-            rows.append((n, d, c, loss))
+    try:
+        with p.open(newline="") as f:
+            reader = csv.DictReader(f)
+            cols = reader.fieldnames or []
+            records = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"'{path}' is not a readable CSV file ({exc}); pass a sweep's results.csv") from None
+    missing = [c for c in ("params", "tokens", loss_column) if c not in cols]
+    if missing:
+        raise DataError(f"'{path}' lacks column(s) {', '.join(missing)}; expected the columns of a sweep's "
+                        "results.csv (params, tokens, flops, final_train_loss, final_valid_loss)")
+    rows = []
+    for i, row in enumerate(records, start=2):
+        try:
+            n, d, loss = float(row["params"]), float(row["tokens"]), float(row[loss_column])
+            c = float(row["flops"]) if row.get("flops") else 6 * n * d
+        except (TypeError, ValueError):
+            raise DataError(f"'{path}' line {i}: params, tokens, flops and {loss_column} must be numbers") from None
+        if not all(math.isfinite(v) and v > 0 for v in (n, d, c, loss)):
+            raise DataError(f"'{path}' line {i}: params, tokens, flops and {loss_column} must be positive "
+                            "and finite (a diverged run? drop that line)")
+        rows.append((n, d, c, loss))
     if len(rows) < 5:
         raise DataError(f"'{path}' has {len(rows)} runs; a five-parameter fit needs at least 5 (more is better)")
     n, d, c, loss = (np.array(col) for col in zip(*rows))
@@ -282,6 +286,10 @@ def _print_report(out: dict) -> None:
 
 def _require_plotter(out: str) -> None:
     """SVG is written here with no dependency; other formats need matplotlib."""
+    folder = Path(out).resolve().parent
+    if not folder.is_dir() or Path(out).is_dir():
+        raise UserError(f"--plot {out}: {'is a directory' if Path(out).is_dir() else f'folder {folder} does not exist'}; "
+                        "give a file path in an existing folder, e.g. --plot fit.svg")
     if out.lower().endswith(".svg"):
         return
     try:
