@@ -122,6 +122,8 @@ def test_cli_json(tmp_path):
     ("plot", "pip install matplotlib"),
     ("not_utf8", "is not a readable CSV file"),
     ("plot_folder", "does not exist; give a file path"),
+    ("flat", "no compute-optimal allocation"),
+    ("rising", "no compute-optimal allocation"),
 ])
 def test_cli_errors_exit_2(tmp_path, case, needle):
     path = tmp_path / "results.csv"
@@ -142,6 +144,10 @@ def test_cli_errors_exit_2(tmp_path, case, needle):
             pass
         write_csv(path, res)
         extra = ["--plot", str(tmp_path / "p.png")]  # .svg would work without matplotlib
+    elif case in ("flat", "rising"):  # losses that do not fall with N: alpha comes out 0 or negative
+        loss = np.full_like(res.n, 3.0) if case == "flat" else 2 + 0.01 * np.log(res.n)
+        write_csv(path, SweepResults(res.n, res.d, res.c, loss))
+        extra = ["--bootstrap", "0", "--json", "--plot", str(tmp_path / "fit.svg")]
     elif case == "not_utf8":
         path.write_bytes(b"\x00\xff\xfe not a csv\n")
     elif case == "plot_folder":
@@ -150,6 +156,7 @@ def test_cli_errors_exit_2(tmp_path, case, needle):
     r = megallama("scaling-fit", str(path), *extra)
     assert r.returncode == 2, r.stdout
     assert needle in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "fit.svg").exists()
 
 
 # ----------------------------------------------------------------------------- sweep

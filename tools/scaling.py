@@ -247,6 +247,10 @@ def run(args) -> int:
         _require_plotter(args.plot)
     res = read_results(args.results, f"final_{args.loss}_loss")
     law = fit_parametric(res)
+    if not (law.alpha > 0 and law.beta > 0):  # N*(C) would be complex or divide by zero
+        raise DataError(f"the fit gives alpha = {law.alpha:.3g}, beta = {law.beta:.3g}: the loss does not fall with "
+                        "both model size and tokens, so there is no compute-optimal allocation; widen the range "
+                        "of sizes and budgets, or check the losses")
     ci = bootstrap(res, law, args.bootstrap) if args.bootstrap else {}
     iso = fit_isoflop(res)
     budgets = args.budget or [10.0 ** k for k in range(18, 25)]
