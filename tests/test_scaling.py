@@ -74,6 +74,23 @@ def test_isoflop_exponent():
     assert iso.n_exponent + iso.d_exponent == pytest.approx(1)
 
 
+def test_learning_rate_grid_fits_the_best_learning_rate(tmp_path):
+    """A sweep with lr: [...] writes one row per learning rate at each (N, D); the law is the best one's."""
+    from tools.scaling import read_results
+
+    res = synthetic(0)
+    worse = SweepResults(res.n, res.d, res.c, res.loss * 1.08)  # a too-high learning rate, 8% worse
+    path = tmp_path / "results.csv"
+    both = SweepResults(*(np.concatenate([getattr(worse, k), getattr(res, k)]) for k in ("n", "d", "c", "loss")))
+    write_csv(path, both)
+    read = read_results(str(path))
+    assert len(read.n) == len(res.n)
+    np.testing.assert_allclose(np.sort(read.loss), np.sort(res.loss))
+    fit = fit_parametric(read)
+    for key, value in CHINCHILLA.items():
+        assert getattr(fit, key) == pytest.approx(value, rel=0.05), key
+
+
 def test_cli_svg_plot(tmp_path):
     import xml.etree.ElementTree as ET
 
@@ -122,6 +139,7 @@ def test_cli_json(tmp_path):
     ("plot", "pip install matplotlib"),
     ("not_utf8", "is not a readable CSV file"),
     ("plot_folder", "does not exist; give a file path"),
+    ("repeated", "6 runs at 1 distinct (params, tokens) points"),
     ("flat", "no compute-optimal allocation"),
     ("rising", "no compute-optimal allocation"),
 ])
@@ -144,6 +162,8 @@ def test_cli_errors_exit_2(tmp_path, case, needle):
             pass
         write_csv(path, res)
         extra = ["--plot", str(tmp_path / "p.png")]  # .svg would work without matplotlib
+    elif case == "repeated":  # one point six times is not five points
+        write_csv(path, SweepResults(*(np.repeat(getattr(res, k)[:1], 6) for k in ("n", "d", "c", "loss"))))
     elif case in ("flat", "rising"):  # losses that do not fall with N: alpha comes out 0 or negative
         loss = np.full_like(res.n, 3.0) if case == "flat" else 2 + 0.01 * np.log(res.n)
         write_csv(path, SweepResults(res.n, res.d, res.c, loss))

@@ -63,7 +63,10 @@ class SweepResults:
 # ----------------------------------------------------------------------------- input
 
 def read_results(path: str, loss_column: str = "final_valid_loss") -> SweepResults:
-    """Read a sweep's results.csv (params, tokens, [flops], and the loss column)."""
+    """Read a sweep's results.csv (params, tokens, [flops], and the loss column).
+
+    Runs with the same params and tokens (the learning rates of a sweep's ``lr:`` grid) are one
+    point of L(N, D), at the lowest loss among them: the law is that of the best learning rate."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"results file '{path}' does not exist; run 'megallama sweep' first or pass its results.csv")
@@ -78,7 +81,7 @@ def read_results(path: str, loss_column: str = "final_valid_loss") -> SweepResul
     if missing:
         raise DataError(f"'{path}' lacks column(s) {', '.join(missing)}; expected the columns of a sweep's "
                         "results.csv (params, tokens, flops, final_train_loss, final_valid_loss)")
-    rows = []
+    best = {}  # (params, tokens) -> the run with the lowest loss there (a learning-rate grid's best)
     for i, row in enumerate(records, start=2):
         try:
             n, d, loss = float(row["params"]), float(row["tokens"]), float(row[loss_column])
@@ -88,10 +91,12 @@ def read_results(path: str, loss_column: str = "final_valid_loss") -> SweepResul
         if not all(math.isfinite(v) and v > 0 for v in (n, d, c, loss)):
             raise DataError(f"'{path}' line {i}: params, tokens, flops and {loss_column} must be positive "
                             "and finite (a diverged run? drop that line)")
-        rows.append((n, d, c, loss))
-    if len(rows) < 5:
-        raise DataError(f"'{path}' has {len(rows)} runs; a five-parameter fit needs at least 5 (more is better)")
-    n, d, c, loss = (np.array(col) for col in zip(*rows))
+        if (n, d) not in best or loss < best[n, d][3]:
+            best[n, d] = (n, d, c, loss)
+    if len(best) < 5:
+        seen = f"{len(records)} runs" + (f" at {len(best)} distinct (params, tokens) points" if len(best) < len(records) else "")
+        raise DataError(f"'{path}' has {seen}; a five-parameter fit needs at least 5 (more is better)")
+    n, d, c, loss = (np.array(col) for col in zip(*best.values()))
     return SweepResults(n, d, c, loss)
 
 
