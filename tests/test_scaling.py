@@ -313,6 +313,9 @@ def test_default_grid_is_valid():
     (dict(GRID, models={"x": dict(dim=30, n_heads=4)}), "model 'x': model.dim (30) must be divisible"),
     (dict(GRID, epochs=3), "unknown key(s) epochs"),
     (dict(GRID, models={"a/b": dict(dim=32)}), "model name 'a/b' names a directory"),
+    (dict(GRID, tokens=[float("inf")]), "'tokens' must be a non-empty list of positive numbers"),
+    (dict(GRID, tokens=[2560, 2561]), "two points share the run name a_t2.56e03_lr0.001"),
+    (dict(GRID, lr=[1.0e-3, 1.0e-3]), "two points share the run name a_t2.56e03_lr0.001"),
 ])
 def test_bad_grid_exit_2(env, capsys, grid, needle):
     tmp_path, go, _ = env

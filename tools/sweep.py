@@ -26,6 +26,7 @@ import copy
 import csv
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -81,6 +82,11 @@ def load_grid(path: Path) -> list[SweepRun]:
             raise UserError(f"grid file '{path}': model name '{model}' names a directory; "
                             "use letters, digits, '_', '.' and '-' only")
         runs.append(_make_run(path, base, str(model), overrides, budget_key, budget, lr))
+    names = [r.name for r in runs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # one run directory for two points: the second would be skipped as finished
+        raise UserError(f"grid file '{path}': two points share the run name {twice[0]}; '{budget_key}' values must "
+                        "differ in their first 3 significant digits and 'lr' values in their first 6 (no repeats)")
     return runs
 
 
@@ -92,7 +98,7 @@ def _positive_list(values, key: str, path: Path) -> list[float]:
             x = float(v) if not isinstance(v, bool) else -1.0
         except (TypeError, ValueError):
             x = -1.0
-        if not x > 0:
+        if not (x > 0 and math.isfinite(x)):
             raise UserError(f"grid file '{path}': '{key}' must be a non-empty list of positive numbers, "
                             "e.g. [1.0e+11, 1.0e+12]")
         out.append(x)
