@@ -82,17 +82,24 @@ def read_results(path: str, loss_column: str = "final_valid_loss") -> SweepResul
         raise DataError(f"'{path}' lacks column(s) {', '.join(missing)}; expected the columns of a sweep's "
                         "results.csv (params, tokens, flops, final_train_loss, final_valid_loss)")
     best = {}  # (params, tokens) -> the run with the lowest loss there (a learning-rate grid's best)
+    diverged = {}  # (params, tokens) -> first line whose loss is not a positive finite number
     for i, row in enumerate(records, start=2):
         try:
             n, d, loss = float(row["params"]), float(row["tokens"]), float(row[loss_column])
             c = float(row["flops"]) if row.get("flops") else 6 * n * d
         except (TypeError, ValueError):
             raise DataError(f"'{path}' line {i}: params, tokens, flops and {loss_column} must be numbers") from None
-        if not all(math.isfinite(v) and v > 0 for v in (n, d, c, loss)):
-            raise DataError(f"'{path}' line {i}: params, tokens, flops and {loss_column} must be positive "
-                            "and finite (a diverged run? drop that line)")
+        if not all(math.isfinite(v) and v > 0 for v in (n, d, c)):
+            raise DataError(f"'{path}' line {i}: params, tokens and flops must be positive and finite")
+        if not (math.isfinite(loss) and loss > 0):  # a diverged run: fine if another lr at its point trained
+            diverged.setdefault((n, d), i)
+            continue
         if (n, d) not in best or loss < best[n, d][3]:
             best[n, d] = (n, d, c, loss)
+    lost = sorted(line for point, line in diverged.items() if point not in best)
+    if lost:
+        raise DataError(f"'{path}' line {lost[0]}: {loss_column} must be positive and finite and no other run "
+                        "at its params and tokens has one (a diverged run? re-run it at a lower lr, or drop that line)")
     if len(best) < 5:
         seen = f"{len(records)} runs" + (f" at {len(best)} distinct (params, tokens) points" if len(best) < len(records) else "")
         raise DataError(f"'{path}' has {seen}; a five-parameter fit needs at least 5 (more is better)")

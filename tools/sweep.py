@@ -179,7 +179,7 @@ def gather(runs: list[SweepRun], out: Path) -> int:
             raise UserError(f"'{path}' is not a trainer summary (needs {', '.join(SUMMARY_KEYS)}); "
                             "delete it to re-run that point") from None
         rows.append(dict(name=run.name, model=run.model, lr="" if run.lr is None else run.lr, **row))
-    tmp = out / "results.csv.tmp"
+    tmp = out / f"results.csv.tmp-{os.getpid()}"  # shards of an array gather at once: one temporary name each
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
         writer.writeheader()
