@@ -146,6 +146,23 @@ def test_memory_fit_and_search():
     assert found[0].tokens_per_sec_per_gpu >= plan(cfg, replace(PAPER_65B, gpus=512), A100).tokens_per_sec_per_gpu
 
 
+def test_search_pins_the_layout_flags_given():
+    """--tp/--pp/--zero/... with --search pin those choices (they were silently ignored)."""
+    r = megallama("plan", "--preset", "llama-65b", "--gpus", "512", "--gpu", "A100-80GB", "--search", "--tp", "8",
+                  "--zero", "1", "--checkpointing", "full", "--top", "1000", "--json")
+    assert r.returncode == 0, r.stderr
+    found = json.loads(r.stdout)
+    assert found and all(e["layout"]["tp"] == 8 and e["layout"]["zero_stage"] == 1
+                         and e["layout"]["checkpointing"] == "full" for e in found), found[:2]
+    assert len({e["layout"]["pp"] for e in found}) > 1  # the rest is still searched
+    r = megallama("plan", "--preset", "llama-65b", "--gpus", "512", "--gpu", "A100-80GB", "--search", "--tp", "8",
+                  "--no-sequence-parallel", "--checkpointing", "none", "--top", "1000", "--json")
+    assert r.returncode == 0, r.stderr
+    unpinned = json.loads(r.stdout)
+    assert unpinned and all(not e["layout"]["sequence_parallel"] and e["layout"]["checkpointing"] == "none"
+                            for e in unpinned)
+
+
 def test_invalid_layout_raises():
     cfg = preset_config("llama-65b")
     with pytest.raises(ConfigError, match="n_heads"):

@@ -392,10 +392,15 @@ def measured_run(run_dir: str, gpus: int) -> tuple[Config, Layout, float]:
 
 
 def search(cfg: Config, gpus: int, gpu: GpuSpec, base: Layout, tokens: Optional[int] = None,
-           matmul_efficiency: Optional[float] = None) -> list[Estimate]:
-    """Every valid layout that fits in memory, fastest first."""
+           matmul_efficiency: Optional[float] = None, fixed: Optional[dict] = None) -> list[Estimate]:
+    """Every valid layout that fits in memory, fastest first; ``fixed`` pins Layout fields (the
+    ``--tp``/``--pp``/``--zero``/``--micro-batch``/``--checkpointing``/``--no-sequence-parallel`` given)."""
     found = []
-    for lay in _candidates(cfg.model, gpus, gpu, base):
+    fixed = fixed or {}
+    for lay in _candidates(cfg.model, gpus, gpu, base, keep_none=fixed.get("checkpointing") == "none"):
+        lay = replace(lay, **{k: v for k, v in fixed.items() if k == "sequence_parallel"})
+        if any(getattr(lay, k) != v for k, v in fixed.items()):
+            continue
         try:
             est = plan(cfg, lay, gpu, tokens, matmul_efficiency)
         except ConfigError:
@@ -405,7 +410,7 @@ def search(cfg: Config, gpus: int, gpu: GpuSpec, base: Layout, tokens: Optional[
     return sorted(found, key=lambda e: (-e.tokens_per_sec_per_gpu, e.memory_gib_per_gpu))
 
 
-def _candidates(m: ModelConfig, gpus: int, gpu: GpuSpec, base: Layout) -> Iterator[Layout]:
+def _candidates(m: ModelConfig, gpus: int, gpu: GpuSpec, base: Layout, keep_none: bool = False) -> Iterator[Layout]:
     tps = [t for t in (1, 2, 4, 8, 16) if t <= gpu.gpus_per_node and m.n_heads % t == 0]
     pps = [p for p in range(1, m.n_layers + 1) if m.n_layers % p == 0]
     for tp in tps:
@@ -415,7 +420,7 @@ def _candidates(m: ModelConfig, gpus: int, gpu: GpuSpec, base: Layout) -> Iterat
             for zero in ((0, 1) if pp > 1 else (0, 1, 2, 3)):
                 for mb in (1, 2, 4, 8):
                     for ckpt in CHECKPOINTING:
-                        if ckpt == "none" and base.flash_attention:
+                        if ckpt == "none" and base.flash_attention and not keep_none:
                             continue  # selective: the same time here, fewer bytes kept
                         yield replace(base, tp=tp, pp=pp, zero_stage=zero, micro_batch=mb, checkpointing=ckpt,
                                       sequence_parallel=tp > 1)
@@ -489,7 +494,10 @@ def run(args) -> int:
                                                 args.gpus if args.calibrate_gpus is None else args.calibrate_gpus)
         eff = calibrated_efficiency(run_cfg, run_lay, gpu, step_s)
     if args.search:
-        found = search(cfg, args.gpus, gpu, lay, tokens, eff)
+        pinned = {"tp": args.tp, "pp": args.pp, "zero_stage": args.zero, "micro_batch": args.micro_batch,
+                  "checkpointing": args.checkpointing,
+                  "sequence_parallel": False if args.no_sequence_parallel else None}
+        found = search(cfg, args.gpus, gpu, lay, tokens, eff, {k: v for k, v in pinned.items() if v is not None})
         if not found:
             raise UserError(f"no layout of {cfg.preset or 'this model'} fits {args.gpus} x {gpu.name}; "
                             "add GPUs, pick a larger GPU or lower --seq-len")
