@@ -119,9 +119,12 @@ def test_parameter_gradients_equal_hf(kv_heads):
     ours_grads = ours_to_hf({n: p.grad for n, p in ours.named_parameters()}, cfg)
     hf_grads = {n: p.grad for n, p in hf.named_parameters()}
     assert ours_grads.keys() == hf_grads.keys()
+    # relative to each parameter's own gradient: q/k/norm gradients are ~3e-4 at most, so an
+    # absolute 1e-5 let a 3% error through (fp32 agrees to < 1e-6 of the largest entry)
     for name, g in hf_grads.items():
         err = (ours_grads[name] - g).abs().max().item()
-        assert err <= 1e-5 * max(1.0, g.abs().max().item()) + 1e-7, f"{name}: max difference {err:.3g}"
+        assert g.abs().max().item() > 0 and err <= 1e-5 * g.abs().max().item(), \
+            f"{name}: max difference {err:.3g} (largest gradient {g.abs().max().item():.3g})"
 
 
 def test_backward_buffers_are_reused_only_when_free():
