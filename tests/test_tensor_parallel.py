@@ -52,8 +52,14 @@ def _tp_case(rank, world, sequence_parallel, vocab, n_kv_heads, checkpointing="n
         err = (p.grad - _expected_shard(rp.grad, p, rank, world)).abs().max().item()
         if err >= grad_err:
             grad_err, worst = err, name
+    # the replica's gradient norm (what ZeRO-0 and pipeline runs clip by): each TP shard counted
+    # once, a TP-replicated norm weight once, not once per TP rank
+    from parallel.grad import global_grad_norm
+
+    ref_norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in ref.parameters())).item()
+    norm = global_grad_norm(model.parameters(), ctx)
     return dict(logits=logit_err, loss=abs(loss.item() - ref_loss.item()), init=init_err, grad=grad_err,
-                worst=worst, n_params=len(ref_params))
+                worst=worst, n_params=len(ref_params), norm=abs(norm - ref_norm) / ref_norm)
 
 
 @pytest.mark.parametrize("world,sp,vocab,kv,checkpointing", [
@@ -74,6 +80,7 @@ def test_tp_matches_single_process(world, sp, vocab, kv, checkpointing):
         assert r["logits"] < 1e-5, r
         assert r["loss"] < 1e-5, r
         assert r["grad"] < 1e-5, f"rank {rank}: gradient of {r['worst']} differs by {r['grad']}"
+        assert r["norm"] < 1e-6, f"rank {rank}: global gradient norm differs by {r['norm']:.3g} (relative)"
 
 
 def _tp_autocast_case(rank, world, sequence_parallel):
