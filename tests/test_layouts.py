@@ -1,5 +1,6 @@
 """Every 3D layout trains exactly like one process: the first 10 losses (and gradient norms,
-so clipping is exercised) match the single-process run within 1e-4 relative (fp32, gloo)."""
+so clipping is exercised) match the single-process run within 1e-5 relative (fp32, gloo; every layout measured agrees
+to 2.1e-7, so 1e-4 let a 7e-5 gradient-norm error through)."""
 
 import pytest
 
@@ -25,7 +26,7 @@ def reference(tmp_path_factory, micro=2):
     return _REFERENCE[micro]
 
 
-def _close(a, b, rel=1e-4):
+def _close(a, b, rel=1e-5):
     return all(abs(x - y) <= rel * max(abs(x), abs(y), 1e-12) for x, y in zip(a, b)) and len(a) == len(b)
 
 
@@ -36,7 +37,8 @@ LAYOUTS = [  # (world, overrides)
     (2, ["parallel.zero_stage=2", "train.micro_batch_size=4"]),  # accumulation 1
     (2, ["parallel.zero_stage=3", "train.micro_batch_size=1"]),  # accumulation 4
     (2, ["parallel.zero_stage=0"]),
-    pytest.param(4, ["parallel.tp=2", "parallel.pp=2"], marks=pytest.mark.slow),
+    # ZeRO-0: megallama clips TP x PP by its own replica norm (tp x pp with ZeRO-1 runs at 8 ranks)
+    pytest.param(4, ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=0"], marks=pytest.mark.slow),
     pytest.param(4, ["parallel.pp=2"], marks=pytest.mark.slow),                                # 1x2x2
     pytest.param(4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=3",
                      "train.activation_checkpointing=selective"], marks=pytest.mark.slow),    # 2x1x2 SP, ZeRO-3
