@@ -17,9 +17,12 @@ def _hf_model(cfg):
     return LlamaForCausalLM(LlamaConfig(**kw)).eval()
 
 
-@pytest.mark.parametrize("kv_heads", [None, 2])
-def test_logits_equal_hf(kv_heads):
-    cfg = replace(preset_config("tiny").model, n_kv_heads=kv_heads, vocab_size=500)  # 500: padded rows
+# the defaults, and Llama 3's rope_theta with LLaMA 2's norm_eps: a model that ignored either
+# setting (or a config mapping that dropped it) agreed with HF at the defaults alone
+@pytest.mark.parametrize("kv_heads,rope_theta,norm_eps", [(None, 10000.0, 1e-6), (2, 500000.0, 1e-5)])
+def test_logits_equal_hf(kv_heads, rope_theta, norm_eps):
+    cfg = replace(preset_config("tiny").model, n_kv_heads=kv_heads, vocab_size=500,  # 500: padded rows
+                  rope_theta=rope_theta, norm_eps=norm_eps)
     ours = build_model(cfg, seed=7).eval()
     hf = _hf_model(cfg)
     hf.load_state_dict(ours_to_hf(ours.state_dict(), cfg), strict=True)
