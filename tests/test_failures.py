@@ -17,6 +17,7 @@ import sys
 import threading
 
 import pytest
+import torch
 
 from megallama.faults import Faults
 from tests.distributed import run_ranks
@@ -51,8 +52,18 @@ def _clean_losses(tmp_path_factory):
 def test_nonfinite_step_is_skipped_and_counted(world, overrides, tmp_path, tmp_path_factory, monkeypatch):
     clean = _clean_losses(tmp_path_factory)
     monkeypatch.setenv("MEGALLAMA_FAULT", "nan@3")
-    losses, bad = run_ranks(_train, world, overrides, str(tmp_path), timeout=240)[0]
+    losses, bad = run_ranks(_train, world, overrides + ["train.save_interval=1", "train.keep_last=6"], str(tmp_path),
+                            timeout=240)[0]
     assert bad == 1 and math.isnan(losses[2]), losses
+    # skipped means no update: step 3's checkpoint holds step 2's weights, Adam moments and schedule
+    # bit for bit (finite later losses alone also pass a step applied with zeroed gradients)
+    from megallama.checkpoint import MOMENTS, CheckpointReader
+
+    two, three = (CheckpointReader(tmp_path / "checkpoints" / f"step_{s:08d}") for s in (2, 3))
+    assert three.meta["lr_scheduler_last_epoch"] == two.meta["lr_scheduler_last_epoch"]
+    for name in two.names():
+        for key in (None, *MOMENTS):
+            assert torch.equal(three.full(name, key), two.full(name, key)), f"{name} {key or ''} changed in step 3"
     # had the NaN update been applied every later loss would be NaN; it was not
     assert all(math.isfinite(x) for i, x in enumerate(losses) if i != 2), losses
     rel = 0.02 if "train.precision=bf16" in overrides else 1e-4  # bf16 tolerance as in test_training
