@@ -83,8 +83,6 @@ def test_bad_input_is_one_line_exit_2_and_creates_nothing(case, extra, message, 
 
 
 def test_checkpoint_of_another_model_shape_is_refused(tmp_path, capsys):
-    if not (ROOT / "megallama" / "checkpoint.py").exists():
-        pytest.skip("checkpoint save/resume (megallama/checkpoint.py) is not in this checkout yet")
     run_dir = tmp_path / "run"
     base = ["train", "--preset", "tiny", "--set", f"train.run_dir={run_dir}", "--set", "train.steps=1",
             "--set", "train.tensorboard=false"]
