@@ -84,8 +84,8 @@ def match_gpu_name(device_name: str) -> Optional[GpuSpec]:
     n = device_name.upper()
     if "H200" in n:
         return GPU_SPECS["H200"]
-    if "H100" in n:
-        return GPU_SPECS["H100-80GB"]
+    if "H100" in n:  # the table's H100 is the SXM5 part; PCIe (756 TFLOP/s bf16) and NVL differ: unknown
+        return None if "PCIE" in n or "NVL" in n else GPU_SPECS["H100-80GB"]
     if "A100" in n:
         return GPU_SPECS["A100-80GB" if "80G" in n else "A100-40GB"]
     return None

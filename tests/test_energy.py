@@ -126,7 +126,8 @@ def test_a_cpu_meter_is_scaled_by_hosts_not_ranks(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name,spec", [
     ("NVIDIA A100-SXM4-80GB", "A100-80GB"), ("NVIDIA A100-SXM4-40GB", "A100-40GB"),
     ("NVIDIA A100-PCIE-40GB", "A100-40GB"), ("NVIDIA H100 80GB HBM3", "H100-80GB"),
-    ("NVIDIA H200", "H200"), ("Tesla T4", None)])
+    ("NVIDIA H200", "H200"), ("Tesla T4", None),
+    ("NVIDIA H100 PCIe", None), ("NVIDIA H100 NVL", None)])  # not the SXM5 peak the table holds
 def test_match_gpu_name(name, spec):
     got = match_gpu_name(name)
     assert (got.name if got else None) == spec
