@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import signal
@@ -386,7 +387,8 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
             for key, value in {**stats, **meter.tensorboard_scalars()}.items():
                 writer.add_scalar(key, value, step + 1)
         if log is not None:
-            log.write(json.dumps({"step": step + 1, "loss": loss, "grad_norm": grad_norms[-1], "lr": lr}) + "\n")
+            log.write(json.dumps(_json_safe({"step": step + 1, "loss": loss, "grad_norm": grad_norms[-1], "lr": lr}),
+                                 allow_nan=False) + "\n")
             log.flush()
         if t.eval_interval and data.valid is not None and ((step + 1) % t.eval_interval == 0
                                                            or step + 1 == total_steps):
@@ -482,12 +484,24 @@ def _metrics_log(path: Path, start_step: int):
     return open(path, "a")
 
 
+def _json_safe(x):
+    """``x`` with every non-finite float (the loss of a skipped step) as None: strict JSON (``null``),
+    which jq and other parsers read, where ``NaN``/``Infinity`` are not JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
 def _write_summary(cfg: Config, summary: Summary) -> None:
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    out = {k: v for k, v in summary.__dict__.items()}
+    out = _json_safe(dict(summary.__dict__))
     tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
+    tmp.write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, run_dir / "summary.json")
     (run_dir / "config.yaml").write_text(_yaml(cfg))
 

@@ -10,6 +10,7 @@
 Faults are injected through ``MEGALLAMA_FAULT`` (read in megallama/faults.py only).
 """
 
+import json
 import math
 import re
 import subprocess
@@ -66,6 +67,11 @@ def test_nonfinite_step_is_skipped_and_counted(world, overrides, tmp_path, tmp_p
             assert torch.equal(three.full(name, key), two.full(name, key)), f"{name} {key or ''} changed in step 3"
     # had the NaN update been applied every later loss would be NaN; it was not
     assert all(math.isfinite(x) for i, x in enumerate(losses) if i != 2), losses
+    # the logs are strict JSON: the skipped step's loss is null, not NaN (which jq and others refuse)
+    strict = dict(parse_constant=lambda c: pytest.fail(f"{c} in a JSON log"))
+    rows = [json.loads(line, **strict) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] is None for r in rows] == [i == 2 for i in range(len(losses))]
+    assert json.loads((tmp_path / "summary.json").read_text(), **strict)["losses"][2] is None
     rel = 0.02 if "train.precision=bf16" in overrides else 1e-4  # bf16 tolerance as in test_training
     assert all(abs(a - b) <= rel * b for a, b in zip(losses[:2], clean[:2])), (losses, clean)
 

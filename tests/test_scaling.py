@@ -143,6 +143,7 @@ def test_cli_json(tmp_path):
     ("plot", "pip install matplotlib"),
     ("not_utf8", "is not a readable CSV file"),
     ("plot_folder", "does not exist; give a file path"),
+    ("blank", "must be positive and finite and no other run"),  # the trainer's null loss, blank in results.csv
     ("repeated", "6 runs at 1 distinct (params, tokens) points"),
     ("flat", "no compute-optimal allocation"),
     ("rising", "no compute-optimal allocation"),
@@ -174,6 +175,10 @@ def test_cli_errors_exit_2(tmp_path, case, needle):
         extra = ["--bootstrap", "0", "--json", "--plot", str(tmp_path / "fit.svg")]
     elif case == "not_utf8":
         path.write_bytes(b"\x00\xff\xfe not a csv\n")
+    elif case == "blank":
+        res.loss[4] = float("nan")
+        write_csv(path, res)
+        path.write_text(path.read_text().replace(",nan,nan", ",,"))
     elif case == "plot_folder":
         write_csv(path, res)
         extra = ["--bootstrap", "0", "--plot", str(tmp_path / "missing" / "fit.svg")]

@@ -84,8 +84,9 @@ def read_results(path: str, loss_column: str = "final_valid_loss") -> SweepResul
     best = {}  # (params, tokens) -> the run with the lowest loss there (a learning-rate grid's best)
     diverged = {}  # (params, tokens) -> first line whose loss is not a positive finite number
     for i, row in enumerate(records, start=2):
-        try:
-            n, d, loss = float(row["params"]), float(row["tokens"]), float(row[loss_column])
+        try:  # a blank loss is a run whose loss was not finite (written as null by the trainer)
+            n, d = float(row["params"]), float(row["tokens"])
+            loss = float(row[loss_column]) if (row[loss_column] or "").strip() else math.nan
             c = float(row["flops"]) if row.get("flops") else 6 * n * d
         except (TypeError, ValueError):
             raise DataError(f"'{path}' line {i}: params, tokens, flops and {loss_column} must be numbers") from None
