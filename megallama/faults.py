@@ -13,7 +13,9 @@
   mpirun) takes the rest of the job down.  ``train.collective_timeout_s`` bounds hangs twice:
   as the process-group timeout, and as a step watchdog (a thread that ends the process when
   one step runs longer), which also catches hangs the group timeout cannot see (sub-groups
-  created without a timeout, DeepSpeed's shared-memory collectives, a stuck file system).
+  created without a timeout, DeepSpeed's shared-memory collectives, a data read stuck on the
+  file system).  It times training steps only: checkpoint saves and validation are bounded by
+  the process-group timeout alone (a save stuck in a file-system write is not caught).
 * Fault injection for tests, read here and nowhere else: ``MEGALLAMA_FAULT`` is a comma list
   of ``KIND@STEP`` or ``KIND@STEP:RANK`` with KIND ``nan`` (multiply the model output by NaN
   during that step), ``die`` (SIGKILL the rank when that step starts), ``hang`` (sleep forever
