@@ -143,7 +143,23 @@ def build_engine(cfg: Config, ctx: ParallelContext):
         config=deepspeed_config(cfg, ctx.world_size), mpu=MPU(ctx) if p.pp == 1 else None)
     if p.pp > 1 and not (engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization()):
         _clip_by_replica_norm(engine, ctx)
+        if engine.gradient_clipping() == 0:
+            _report_unclipped_norm(engine, ctx)
     return engine
+
+
+def _report_unclipped_norm(engine, ctx: ParallelContext) -> None:
+    """Pipeline stages in fp32 without ZeRO and with clipping off: DeepSpeed's pipeline engine then
+    computes no gradient norm (it does in its clipping and in every ZeRO optimizer), so measure it
+    before each step for the logs."""
+    step = engine.optimizer.step
+
+    def step_with_norm(*args, **kwargs):
+        engine._global_grad_norm = global_grad_norm([q for q in engine.module.parameters() if q.grad is not None],
+                                                    ctx)
+        return step(*args, **kwargs)
+
+    engine.optimizer.step = step_with_norm
 
 
 def _clip_by_replica_norm(engine, ctx: ParallelContext) -> None:

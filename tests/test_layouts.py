@@ -101,3 +101,13 @@ def test_pipeline_without_zero_clips_by_and_reports_the_whole_replica_norm(tmp_p
     assert None not in norms, norms
     assert abs(norms[0] - ref_norms[0]) <= 1e-6 * ref_norms[0], (norms[0], ref_norms[0])  # before any update
     assert _close(losses, ref_losses) and _close(norms, ref_norms), (losses, norms, ref_losses, ref_norms)
+
+
+def test_unclipped_pipeline_without_zero_reports_the_gradient_norm(tmp_path, tmp_path_factory):
+    """pp=2, ZeRO-0, fp32 with optim.grad_clip=0: DeepSpeed's pipeline engine computes no norm then
+    (grad_norm was null in every log); megallama measures it, the reference's before any update."""
+    (losses, norms), *_ = run_ranks(_train_case, 2, ["parallel.pp=2", "parallel.zero_stage=0", "optim.grad_clip=0"],
+                                    str(tmp_path), timeout=300)
+    ref_losses, ref_norms = reference(tmp_path_factory)
+    assert None not in norms, norms
+    assert abs(norms[0] - ref_norms[0]) <= 1e-6 * ref_norms[0], (norms[0], ref_norms[0])
