@@ -32,9 +32,10 @@ import json
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -388,7 +389,7 @@ def new_tmp_dir(out: Path) -> Path:
 
 
 class WriteFailed(CheckpointError):
-    """An offline tool's output could not be written (its temporary directory is already removed)."""
+    """An output could not be written (its temporary directory is already removed)."""
 
     def __init__(self, out: Path, exc: OSError):
         self.os_error = exc
@@ -396,8 +397,19 @@ class WriteFailed(CheckpointError):
                          "output is kept: free space or choose another --output")
 
 
-def failed_write(out: Path, exc: OSError) -> CheckpointError:
-    return WriteFailed(out, exc)
+@contextmanager
+def building(out: Path) -> Iterator[Path]:
+    """A new temporary directory (:func:`new_tmp_dir`) to build ``out`` in; the block renames it into
+    place.  If the block fails the directory is removed, and a failed write (a full disk, a nested
+    output's :class:`WriteFailed`) is reported as one line naming ``out``."""
+    tmp = new_tmp_dir(out)
+    try:
+        yield tmp
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # a refused tensor or a full disk leaves nothing behind
+        if isinstance(exc, (OSError, WriteFailed)):
+            raise WriteFailed(out, getattr(exc, "os_error", exc)) from None
+        raise
 
 
 def _save_tensors(tensors: dict, path: Path) -> dict:
@@ -631,47 +643,34 @@ def write_checkpoint(out: str | Path, cfg: Config, weights: dict[str, torch.Tens
         raise CheckpointError(f"weights hold {len(extra)} parameters the configured model lacks, e.g. "
                               f"'{extra[0]}'; the source is of another model shape")
     stage_of = stage_assignment(cfg.model, pp, cfg.parallel.pipeline_partition)
-    tmp = new_tmp_dir(out)
-    try:
-        _write_checkpoint_files(tmp, cfg, weights, moments, step, consumed_samples, tokenizer_path, extra_meta,
-                                specs, stage_of)
+    with building(out) as tmp:
+        files = {}
+        for t in range(tp):
+            for s in range(pp):
+                names = [n for n in specs if stage_of[n] == s]
+                model = {}
+                for n in names:
+                    _check_shape(n, weights[n], specs[n], cfg.model)
+                    model[n] = reshard_tensor(weights[n].float(), specs[n], t, tp)
+                files[shard_file("model", t, s)] = _save_tensors(model, tmp / shard_file("model", t, s))
+                if moments is not None:
+                    optim = {f"{n}/{k}": reshard_tensor(moments[f"{n}/{k}"].float(), specs[n], t, tp)
+                             for n in names for k in MOMENTS}
+                    files[shard_file("optim", t, s)] = _save_tensors(optim, tmp / shard_file("optim", t, s))
+        if tokenizer_path:
+            data = Path(tokenizer_path).read_bytes()
+            _fsync_write(tmp / TOKENIZER_FILE, data)
+            files[TOKENIZER_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        meta = {"format": FORMAT, "version": VERSION, "megallama_version": __version__, "step": step,
+                "consumed_samples": consumed_samples,
+                "layout": {"tp": tp, "pp": pp, "dp": 1, "zero_stage": cfg.parallel.zero_stage,
+                           "sequence_parallel": cfg.parallel.sequence_parallel},
+                "precision": cfg.train.precision, "tokenizer_fingerprint": None, "loss_scale": None,
+                "lr_scheduler_last_epoch": step if moments is not None else None, "optimizer_lrs": None,
+                "config": cfg.to_dict(), "stage_of": stage_of, "files": files, **(extra_meta or {})}
+        _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1).encode())
         os.replace(tmp, out)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)  # a refused tensor or a full disk leaves nothing behind
-        if isinstance(exc, OSError):
-            raise failed_write(out, exc) from None
-        raise
     return out
-
-
-def _write_checkpoint_files(tmp: Path, cfg: Config, weights, moments, step, consumed_samples, tokenizer_path,
-                            extra_meta, specs, stage_of) -> None:
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    files = {}
-    for t in range(tp):
-        for s in range(pp):
-            names = [n for n in specs if stage_of[n] == s]
-            model = {}
-            for n in names:
-                _check_shape(n, weights[n], specs[n], cfg.model)
-                model[n] = reshard_tensor(weights[n].float(), specs[n], t, tp)
-            files[shard_file("model", t, s)] = _save_tensors(model, tmp / shard_file("model", t, s))
-            if moments is not None:
-                optim = {f"{n}/{k}": reshard_tensor(moments[f"{n}/{k}"].float(), specs[n], t, tp)
-                         for n in names for k in MOMENTS}
-                files[shard_file("optim", t, s)] = _save_tensors(optim, tmp / shard_file("optim", t, s))
-    if tokenizer_path:
-        data = Path(tokenizer_path).read_bytes()
-        _fsync_write(tmp / TOKENIZER_FILE, data)
-        files[TOKENIZER_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    meta = {"format": FORMAT, "version": VERSION, "megallama_version": __version__, "step": step,
-            "consumed_samples": consumed_samples,
-            "layout": {"tp": tp, "pp": pp, "dp": 1, "zero_stage": cfg.parallel.zero_stage,
-                       "sequence_parallel": cfg.parallel.sequence_parallel},
-            "precision": cfg.train.precision, "tokenizer_fingerprint": None, "loss_scale": None,
-            "lr_scheduler_last_epoch": step if moments is not None else None, "optimizer_lrs": None,
-            "config": cfg.to_dict(), "stage_of": stage_of, "files": files, **(extra_meta or {})}
-    _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1).encode())
 
 
 def write_run_checkpoint(run_dir: str | Path, cfg: Config, weights: dict[str, torch.Tensor],
@@ -688,16 +687,10 @@ def write_run_checkpoint(run_dir: str | Path, cfg: Config, weights: dict[str, to
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise CheckpointError(f"output '{run_dir}' already exists; choose a new path or remove it")
     cfg = replace(cfg, train=replace(cfg.train, run_dir=str(run_dir)))
-    tmp = new_tmp_dir(run_dir)  # the whole run dir appears at once, or not at all
-    try:
+    with building(run_dir) as tmp:  # the whole run dir appears at once, or not at all
         (tmp / "checkpoints").mkdir(parents=True)
         final = write_checkpoint(tmp / "checkpoints" / step_name(step), cfg, weights, moments, step,
                                  consumed_samples, tokenizer_path, extra_meta)
         _fsync_write(tmp / "checkpoints" / "latest", final.name.encode())
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, (OSError, WriteFailed)):  # name the output, not the temporary directory
-            raise failed_write(run_dir, getattr(exc, "os_error", exc)) from None
-        raise
-    os.replace(tmp, run_dir)  # also replaces an existing *empty* directory
+        os.replace(tmp, run_dir)  # also replaces an existing *empty* directory
     return run_dir / "checkpoints" / final.name

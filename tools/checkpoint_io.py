@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from megallama.config import Config, ModelConfig, ParallelConfig, validate
 from megallama.errors import CheckpointError, UserError
@@ -88,28 +87,6 @@ def commit_directory(tmp: Path, out: Path) -> None:
         raise
     if aside is not None:
         shutil.rmtree(aside) if aside.is_dir() and not aside.is_symlink() else aside.unlink()
-
-
-def fresh_tmp(out: Path) -> Path:
-    from megallama.checkpoint import new_tmp_dir
-
-    return new_tmp_dir(out)
-
-
-@contextmanager
-def building(out: Path) -> Iterator[Path]:
-    """A fresh temporary directory to build ``out`` in, removed if the block fails (a failed export
-    leaves nothing behind; an existing output is untouched until :func:`commit_directory`)."""
-    from megallama.checkpoint import failed_write
-
-    tmp = fresh_tmp(out)
-    try:
-        yield tmp
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise failed_write(out, exc) from None
-        raise
 
 
 def check_not_source(out: Path, source: Path) -> None:

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, write_run_checkpoint
+from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, building, write_run_checkpoint
 from megallama.config import ModelConfig
 from megallama.convert import hf_config, hf_to_ours, ours_to_hf
 from megallama.errors import CheckpointError, UserError
-from tools.checkpoint_io import (add_layout_arguments, building, check_new_output, check_not_source,
+from tools.checkpoint_io import (add_layout_arguments, check_new_output, check_not_source,
                                  commit_directory, ffn_settings, imported_config, source_number)
 
 # ----------------------------------------------------------------------------- export

@@ -19,11 +19,11 @@ from typing import Optional
 
 import torch
 
-from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, write_run_checkpoint
+from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, building, write_run_checkpoint
 from megallama.config import ModelConfig
 from megallama.convert import meta_to_ours, ours_to_meta
 from megallama.errors import CheckpointError
-from tools.checkpoint_io import (add_layout_arguments, building, check_new_output, check_not_source,
+from tools.checkpoint_io import (add_layout_arguments, check_new_output, check_not_source,
                                  commit_directory, imported_config, source_number)
 
 # suffix of a Meta parameter name -> dimension its model-parallel shards are concatenated on
