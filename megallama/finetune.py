@@ -59,10 +59,10 @@ def check_init_from(cfg: Config) -> None:
     if cfg.data.tokenizer:
         from megallama.data.tokenizer import Tokenizer
 
-        _check_tokenizer(meta, ckpt, Tokenizer(cfg.data.tokenizer).fingerprint)
+        check_tokenizer(meta, ckpt, Tokenizer(cfg.data.tokenizer).fingerprint)
 
 
-def _check_tokenizer(meta: dict, ckpt: Path, fingerprint, what: str = "--init-from") -> None:
+def check_tokenizer(meta: dict, ckpt: Path, fingerprint, what: str = "--init-from") -> None:
     theirs = meta.get("tokenizer_fingerprint")
     if theirs and fingerprint and theirs != fingerprint:
         raise CheckpointError(f"{what} '{ckpt}' was trained with another tokenizer (fingerprint {theirs}) "
@@ -74,7 +74,7 @@ def init_weights_from(engine, params, cfg: Config, ctx: ParallelContext, tokeniz
     """``train.init_from``: the checkpoint's weights, resharded to this layout; the optimizer
     state, step, data position and schedule start fresh (a new run, unlike resuming)."""
     ckpt = resolve_init_from(cfg.train.init_from)
-    _check_tokenizer(read_meta(ckpt), ckpt, getattr(tokenizer, "fingerprint", None))
+    check_tokenizer(read_meta(ckpt), ckpt, getattr(tokenizer, "fingerprint", None))
     load_checkpoint(engine, params, cfg, ctx, ckpt, load_optimizer=False)
     if verbose:
         print(f"initialised weights from {ckpt}; new run from step 0", flush=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 
@@ -54,20 +54,15 @@ def row_generator(seed: int, row: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
 
-def sample_top_p(probs: torch.Tensor, p: float,
-                 generator: Union[torch.Generator, Sequence[torch.Generator]]) -> torch.Tensor:
-    """Sample from the smallest set of tokens whose probability mass reaches ``p`` (nucleus).
-
-    ``generator`` is one generator for all rows, or one per row of ``probs``."""
+def sample_top_p(probs: torch.Tensor, p: float, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Sample from the smallest set of tokens whose probability mass reaches ``p`` (nucleus),
+    row ``b`` of ``probs`` with ``generators[b]``."""
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
     cumulative = torch.cumsum(sorted_probs, dim=-1)
     sorted_probs[cumulative - sorted_probs > p] = 0.0  # keep every token needed to reach p
     sorted_probs.div_(sorted_probs.sum(dim=-1, keepdim=True))
-    if isinstance(generator, torch.Generator):
-        choice = torch.multinomial(sorted_probs, num_samples=1, generator=generator)
-    else:
-        choice = torch.cat([torch.multinomial(sorted_probs[b: b + 1], num_samples=1, generator=g)
-                            for b, g in enumerate(generator)])
+    choice = torch.cat([torch.multinomial(sorted_probs[b: b + 1], num_samples=1, generator=g)
+                        for b, g in enumerate(generators)])
     return torch.gather(order, -1, choice).squeeze(-1)
 
 

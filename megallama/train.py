@@ -33,8 +33,8 @@ from megallama.engine import WarmupCosine, build_optimizer, deepspeed_config
 from megallama.energy import EnergyMeter, write_summary as write_energy_summary
 from megallama.errors import ConfigError, UserError, say
 from megallama.faults import EXIT_HALTED, Faults, StepMonitor, TrainingHalted, guard_nonfinite_steps, report_failure
-from megallama.finetune import (_check_tokenizer, add_finetune_arguments, check_init_from, finetune_config,
-                                 init_weights_from)
+from megallama.finetune import (add_finetune_arguments, check_init_from, check_tokenizer, finetune_config,
+                                init_weights_from)
 from megallama.kernels import describe as describe_kernels
 from megallama.metrics import Progress, peak_flops_per_device
 from megallama.preflight import check_inputs
@@ -95,22 +95,22 @@ def check_environment(cfg: Config) -> None:
     if ckpt is not None:  # resuming: the checkpoint must fit this config
         meta = read_meta(ckpt)
         check_compatible(meta, cfg, ckpt)
-        consumed, batch = meta.get("consumed_samples", 0), cfg.train.global_batch_size
-        seq_len = config_from_dict(meta["config"]).train.seq_len
-        if not is_weights_only(meta) and seq_len != cfg.train.seq_len:
+        consumed, batch, theirs = meta["consumed_samples"], cfg.train.global_batch_size, \
+            config_from_dict(meta["config"]).train
+        if not is_weights_only(meta) and theirs.seq_len != cfg.train.seq_len:
             # the data position counts samples of the checkpoint's seq_len: at another one it names other data
-            raise ConfigError(f"checkpoint '{ckpt}' was trained with train.seq_len={seq_len} but the config says "
-                              f"{cfg.train.seq_len}; its data position ({consumed:,} samples) does not carry over "
-                              f"to another sequence length: resume with --set train.seq_len={seq_len}, or start a "
-                              f"new run (a new train.run_dir) from its weights with --init-from {ckpt}")
+            raise ConfigError(f"checkpoint '{ckpt}' was trained with train.seq_len={theirs.seq_len} but the config "
+                              f"says {cfg.train.seq_len}; its data position ({consumed:,} samples) does not carry over "
+                              f"to another sequence length: resume with --set train.seq_len={theirs.seq_len}, or start "
+                              f"a new run (a new train.run_dir) from its weights with --init-from {ckpt}")
         if not is_weights_only(meta) and consumed % batch:
             raise ConfigError(f"checkpoint '{ckpt}' has consumed {consumed:,} samples, not a whole number of "
                               f"train.global_batch_size={batch} batches; resume with a global batch size "
-                              f"dividing {consumed} (it was {meta['config']['train']['global_batch_size']})")
+                              f"dividing {consumed} (it was {theirs.global_batch_size})")
         if cfg.data.tokenizer:  # resuming onto data of another tokenizer would train on other token ids
             from megallama.data.tokenizer import Tokenizer
 
-            _check_tokenizer(meta, ckpt, Tokenizer(cfg.data.tokenizer).fingerprint, what="checkpoint")
+            check_tokenizer(meta, ckpt, Tokenizer(cfg.data.tokenizer).fingerprint, what="checkpoint")
     elif cfg.train.init_from:
         check_init_from(cfg)
     check_inputs(cfg)
@@ -148,6 +148,14 @@ def build_engine(cfg: Config, ctx: ParallelContext):
     return engine
 
 
+def _replica_norm(engine, ctx: ParallelContext) -> tuple[list, float]:
+    """The parameters holding gradients, and their norm over the whole replica (recorded as the
+    engine's, which the logs read)."""
+    params = [q for q in engine.module.parameters() if q.grad is not None]
+    engine._global_grad_norm = global_grad_norm(params, ctx)
+    return params, engine._global_grad_norm
+
+
 def _report_unclipped_norm(engine, ctx: ParallelContext) -> None:
     """Pipeline stages in fp32 without ZeRO and with clipping off: DeepSpeed's pipeline engine then
     computes no gradient norm (it does in its clipping and in every ZeRO optimizer), so measure it
@@ -155,8 +163,7 @@ def _report_unclipped_norm(engine, ctx: ParallelContext) -> None:
     step = engine.optimizer.step
 
     def step_with_norm(*args, **kwargs):
-        engine._global_grad_norm = global_grad_norm([q for q in engine.module.parameters() if q.grad is not None],
-                                                    ctx)
+        _replica_norm(engine, ctx)
         return step(*args, **kwargs)
 
     engine.optimizer.step = step_with_norm
@@ -169,9 +176,7 @@ def _clip_by_replica_norm(engine, ctx: ParallelContext) -> None:
     rank" numbers the TP x PP ranks: a TP-replicated parameter (the norm weights) then counts on
     the first stage only, and the norm it clipped with is never reported (``grad_norm`` null)."""
     def clip_fp32_gradients():
-        params = [p for p in engine.module.parameters() if p.grad is not None]
-        norm = global_grad_norm(params, ctx)
-        engine._global_grad_norm = norm
+        params, norm = _replica_norm(engine, ctx)
         coef = engine.gradient_clipping() / (norm + 1e-6)
         if coef < 1.0:  # a non-finite norm comes from non-finite gradients: guard_nonfinite_steps skips the step
             for p in params:

@@ -79,7 +79,7 @@ def test_sampled_row_equals_generating_it_alone(lm):
 def test_sample_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     g = torch.Generator().manual_seed(0)
-    seen = {int(sample_top_p(probs.clone(), 0.75, g)) for _ in range(300)}
+    seen = {int(sample_top_p(probs.clone(), 0.75, [g])) for _ in range(300)}
     assert seen == {0, 1}  # 0.5 + 0.3 reaches 0.75; 2 and 3 are never drawn
 
 
