@@ -56,7 +56,7 @@ def test_non_positive_weight_is_a_one_line_error(tmp_path, weights):
                        capture_output=True, text=True)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
-    assert "weight" in r.stderr and "must be a positive number" in r.stderr
+    assert "weight must be positive, got" in r.stderr and f"fix it in '{cfg}'" in r.stderr
     assert r.stdout == ""
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import megallama
 from megallama.config import load_config
 from megallama.data.indexed import IndexedDataset
-from megallama.data.pipeline import SourcePlan, format_plan
+from megallama.data.pipeline import SourcePlan, check_sources, format_plan
 from megallama.errors import ConfigError, DataError
 
 DEFAULT_CONFIG = Path(megallama.__file__).resolve().parent / "configs" / "llama_mixture.yaml"
@@ -47,10 +47,7 @@ def run(args) -> int:
     cfg = load_config(args.config)
     if not cfg.data.sources:
         raise ConfigError(f"'{args.config}' lists no data.sources; add sources with name, path, weight")
-    for i, s in enumerate(cfg.data.sources):
-        if not (s.weight > 0 and math.isfinite(s.weight)):
-            raise ConfigError(f"data.sources[{i}].weight ({s.name or s.path}) must be a positive number, "
-                              f"got {s.weight}; fix it in '{args.config}'")
+    check_sources(cfg.data.sources, config=args.config)
     raw = args.tokens if args.tokens is not None else cfg.train.total_tokens()
     if not math.isfinite(raw) or int(raw) <= 0:
         raise ConfigError(f"--tokens must be a positive number of tokens, got {raw}")

@@ -139,13 +139,15 @@ def split_documents(num_docs: int, valid_fraction: float, prefix: str) -> tuple[
     return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
 
 
-def check_sources(sources: Sequence[DataSource], writer: str = "megallama preprocess") -> None:
-    """Every source names a dataset and has a positive, finite sampling weight."""
+def check_sources(sources: Sequence[DataSource], writer: str = "megallama preprocess", config: str = "") -> None:
+    """Every source names a dataset and has a positive, finite sampling weight (``config``: the file
+    to name in the error)."""
+    fix = f"; fix it in '{config}'" if config else ""
     for i, s in enumerate(sources):
         if not s.path:
-            raise ConfigError(f"data.sources[{i}].path is empty; set it to a PREFIX written by `{writer}`")
+            raise ConfigError(f"data.sources[{i}].path is empty; set it to a PREFIX written by `{writer}`{fix}")
         if not (s.weight > 0 and math.isfinite(s.weight)):
-            raise ConfigError(f"data.sources[{i}].weight must be positive, got {s.weight}")
+            raise ConfigError(f"data.sources[{i}].weight must be positive, got {s.weight}{fix}")
 
 
 def _check_config(cfg) -> None:
