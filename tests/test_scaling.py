@@ -309,6 +309,16 @@ def test_flops_budgets_set_tokens_from_flops_per_token(tmp_path):
         assert tokens == pytest.approx(1e9 / m.flops_per_token(32), abs=8 * 32 / 2)
 
 
+def test_warmup_fraction_sets_each_runs_warmup(tmp_path):
+    """Each run warms up for its share of its own steps (10 and 20 here), not the base's 2."""
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(dict(GRID, warmup_fraction="3e-1")))
+    got = {(r.config["train"]["steps"], r.config["optim"]["warmup_steps"]) for r in sweep.load_grid(path)}
+    assert got == {(10, 3), (20, 6)}
+    path.write_text(yaml.safe_dump(GRID))  # without it: the configured warmup, left to the preset
+    assert all("warmup_steps" not in r.config.get("optim", {}) for r in sweep.load_grid(path))
+
+
 def test_default_grid_is_valid():
     runs = sweep.load_grid(sweep.DEFAULT_GRID)
     assert len(runs) == 12
@@ -325,6 +335,10 @@ def test_default_grid_is_valid():
     (dict(GRID, tokens=[float("inf")]), "'tokens' must be a non-empty list of positive numbers"),
     (dict(GRID, tokens=[2560, 2561]), "two points share the run name a_t2.56e03_lr0.001"),
     (dict(GRID, lr=[1.0e-3, 1.0e-3]), "two points share the run name a_t2.56e03_lr0.001"),
+    (dict(GRID, base=dict(GRID["base"], optim=dict(warmup_steps=10))),
+     "run a_t2.56e03_lr0.001 trains 10 steps, not more than its 10 warmup steps"),
+    (dict(GRID, warmup_fraction=1.5), "'warmup_fraction' must be a number in [0, 1)"),
+    (dict(GRID, warmup_fraction="most"), "'warmup_fraction' must be a number in [0, 1)"),
 ])
 def test_bad_grid_exit_2(env, capsys, grid, needle):
     tmp_path, go, _ = env

@@ -18,6 +18,12 @@ Grid YAML (see megallama/configs/sweep_default.yaml)::
     flops: [1e11, 1e12]     # compute budgets: tokens = C / flops_per_token  (IsoFLOP design)
     tokens: [1e6, 4e6]      # or token budgets (exactly one of flops / tokens)
     lr: [1e-3, 3e-3]        # optional
+    warmup_fraction: 0.05   # optional: each run warms up for this share of its own steps
+
+Every run's cosine schedule spans its own steps (``train.steps``); its warmup is
+``optim.warmup_steps`` as configured, or with ``warmup_fraction`` that share of the run's
+steps.  A run whose steps do not exceed its warmup never reaches its decay, so its loss
+is no point of a schedule-matched sweep: such a grid is an error that names the run.
 """
 
 from __future__ import annotations
@@ -61,10 +67,10 @@ def load_grid(path: Path) -> list[SweepRun]:
     """Expand a grid file into runs, each with a validated training config."""
     grid = read_yaml_mapping(path, "grid file", "be a mapping with base:, models: and flops: or tokens: "
                                                 "(see docs/planning.md)")
-    unknown = set(grid) - {"base", "models", "flops", "tokens", "lr"}
+    unknown = set(grid) - {"base", "models", "flops", "tokens", "lr", "warmup_fraction"}
     if unknown:
         raise UserError(f"grid file '{path}': unknown key(s) {', '.join(sorted(unknown))}; "
-                        "valid: base, models, flops, tokens, lr")
+                        "valid: base, models, flops, tokens, lr, warmup_fraction")
     base, models = grid.get("base") or {}, grid.get("models")
     if not isinstance(base, dict) or not isinstance(models, dict) or not models:
         raise UserError(f"grid file '{path}': 'base' must be a mapping and 'models' a non-empty mapping "
@@ -74,6 +80,15 @@ def load_grid(path: Path) -> list[SweepRun]:
     budget_key = "flops" if "flops" in grid else "tokens"
     budgets = _positive_list(grid[budget_key], budget_key, path)
     lrs = _positive_list(grid["lr"], "lr", path) if "lr" in grid else [None]
+    warmup = grid.get("warmup_fraction")
+    if warmup is not None:
+        try:  # strings such as '5e-2' too (YAML 1.1 reads them as text)
+            warmup = -1.0 if isinstance(warmup, bool) else float(warmup)
+        except (TypeError, ValueError):
+            warmup = -1.0
+        if not 0 <= warmup < 1:
+            raise UserError(f"grid file '{path}': 'warmup_fraction' must be a number in [0, 1), e.g. 0.05, "
+                            f"got {grid['warmup_fraction']!r}")
     runs = []
     for (model, overrides), budget, lr in itertools.product(models.items(), budgets, lrs):
         if not isinstance(overrides, dict):
@@ -81,7 +96,7 @@ def load_grid(path: Path) -> list[SweepRun]:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(model)):
             raise UserError(f"grid file '{path}': model name '{model}' names a directory; "
                             "use letters, digits, '_', '.' and '-' only")
-        runs.append(_make_run(path, base, str(model), overrides, budget_key, budget, lr))
+        runs.append(_make_run(path, base, str(model), overrides, budget_key, budget, lr, warmup))
     names = [r.name for r in runs]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:  # one run directory for two points: the second would be skipped as finished
@@ -108,7 +123,7 @@ def _positive_list(values, key: str, path: Path) -> list[float]:
 
 
 def _make_run(path: Path, base: dict, model: str, overrides: dict, budget_key: str, budget: float,
-              lr: Optional[float]) -> SweepRun:
+              lr: Optional[float], warmup_fraction: Optional[float] = None) -> SweepRun:
     raw = _deep_update(copy.deepcopy(base), {"model": dict(overrides)})
     if lr is not None:
         _deep_update(raw, {"optim": {"lr": lr}})
@@ -126,6 +141,14 @@ def _make_run(path: Path, base: dict, model: str, overrides: dict, budget_key: s
         train["eval_interval"] = steps  # the trainer validates only on eval steps; the fit needs the last
     _deep_update(raw, {"train": train})
     name = f"{model}_{budget_key[0]}{budget:.3g}" + (f"_lr{lr:g}" if lr is not None else "")
+    warmup = cfg.optim.warmup_steps if warmup_fraction is None else round(warmup_fraction * steps)
+    if warmup >= steps:  # the schedule would end in its warmup, at the peak rate, never decaying
+        fix = ("lower 'warmup_fraction'" if warmup_fraction is not None
+               else "lower base optim.warmup_steps or set 'warmup_fraction:' (e.g. 0.05)")
+        raise UserError(f"grid file '{path}': run {name.replace('+', '')} trains {steps} steps, not more than its "
+                        f"{warmup} warmup steps (its learning rate would never decay); {fix}, or raise its budget")
+    if warmup_fraction is not None:
+        _deep_update(raw, {"optim": {"warmup_steps": warmup}})
     return SweepRun(name=name.replace("+", ""), model=model, lr=lr,
                     config=dict(preset=preset, **raw) if preset else raw)
 
