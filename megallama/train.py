@@ -320,7 +320,7 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
     tasks, task_opts = _prepare_tasks(cfg)  # read and check task files before any process group exists
     p, t = cfg.parallel, cfg.train
     init_distributed(t.collective_timeout_s)
-    from megallama.data.pipeline import build_datasets, micro_batches
+    from megallama.data.pipeline import build_datasets, micro_batches, validation_note
 
     ctx = ParallelContext.from_distributed(p.tp, p.pp)
     rank0 = dist.get_rank() == 0
@@ -328,6 +328,8 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
     torch.manual_seed(t.seed)
 
     data = data if data is not None else build_datasets(cfg)
+    if rank0 and (note := validation_note(data, cfg)):
+        print(note, flush=True)
     engine = build_engine(cfg, ctx)
     stop.install()
     guard_nonfinite_steps(engine.optimizer)
@@ -398,7 +400,11 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
         lr = engine.get_lr()[0]
         loss, norm = train_step(engine, batches, gas, ctx, pipelined)
         elapsed = time.perf_counter() - start
-        monitor.end(step + 1, engine.was_step_applied(), loss)
+        try:
+            monitor.end(step + 1, engine.was_step_applied(), loss)
+            halted = None
+        except TrainingHalted as exc:  # the step that halts the run is logged first, like every other
+            halted = exc
         losses.append(loss)
         grad_norms.append(norm)
         wait_total, time_total = wait_total + batches.wait, time_total + elapsed
@@ -411,6 +417,10 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
             log.write(json.dumps(_json_safe({"step": step + 1, "loss": loss, "grad_norm": grad_norms[-1], "lr": lr}),
                                  allow_nan=False) + "\n")
             log.flush()
+        if halted is not None:
+            if writer is not None:
+                writer.flush()
+            raise halted
         if t.eval_interval and data.valid is not None and ((step + 1) % t.eval_interval == 0
                                                            or step + 1 == total_steps):
             valid_loss = evaluate(engine, stream(data.valid), cfg, gas, ctx, pipelined)

@@ -13,7 +13,7 @@ import pytest
 from megallama.config import load_config
 from megallama.data.gpt_dataset import BlendedDataset, GPTDataset
 from megallama.data.indexed import HEADER, IndexedDataset
-from megallama.data.pipeline import build_datasets, micro_batches
+from megallama.data.pipeline import build_datasets, micro_batches, validation_note
 from megallama.data.preprocess import preprocess
 from megallama.data.tokenizer import Tokenizer, train_tokenizer
 from megallama.errors import ConfigError, DataError
@@ -262,6 +262,21 @@ def test_build_datasets_from_sources(corpus, tmp_path):
     train_docs = set(b.train.datasets[0].doc_idx.tolist())
     valid_docs = set(b.valid.datasets[0].doc_idx.tolist())
     assert train_docs.isdisjoint(valid_docs) and len(valid_docs) == 6
+
+
+def test_evaluation_rereading_its_split_is_noted(corpus, tmp_path):
+    src = [f"data.sources=[{{path: {corpus['prefix']}, weight: 1}}]", f"data.tokenizer={corpus['tok']}",
+           "data.valid_fraction=0.1", "model.vocab_size=640"]
+    cfg = _cfg(tmp_path, *src, "train.eval_iters=1")
+    t = cfg.train
+    tokens = build_datasets(cfg).valid.tokens_per_epoch  # the split's tokens
+    assert t.global_batch_size * t.seq_len < tokens and validation_note(build_datasets(cfg), cfg) is None
+    iters = tokens // (t.global_batch_size * t.seq_len) + 2  # more samples than the split holds
+    cfg = _cfg(tmp_path, *src, f"train.eval_iters={iters}")
+    note = validation_note(build_datasets(cfg), cfg)
+    n = iters * t.global_batch_size
+    assert f"{(n * t.seq_len + 1) / tokens:.1f} times over" in note and f"= {n:,} samples" in note
+    assert "lower train.eval_iters or raise data.valid_fraction" in note
 
 
 def test_build_datasets_errors(corpus, tmp_path):

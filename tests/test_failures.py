@@ -94,6 +94,9 @@ def test_consecutive_bad_steps_stop_the_run_with_status_3(tmp_path):
     # skipped steps changed no weight; the halt comes before step 3's save
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert not (run_dir / "checkpoints" / "step_00000003").exists()
+    # every step up to the halting one is in the metrics log, the skipped ones without a loss
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["loss"] is None) for m in logged] == [(1, False), (2, True), (3, True)]
 
 
 def _torchrun(run_dir, *extra, fault: str, timeout: float = 120):

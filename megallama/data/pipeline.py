@@ -60,6 +60,21 @@ class DataBundle:
         return format_plan(self.plan)
 
 
+def epochs_of(dataset) -> float:
+    """Passes over its split's data that ``dataset`` makes (a blend: its most repeated source)."""
+    return max(getattr(part, "epochs", 0.0) for part in getattr(dataset, "datasets", [dataset]))
+
+
+def validation_note(data: "DataBundle", cfg) -> Optional[str]:
+    """A line saying that every evaluation reads its samples more than once, or None."""
+    if data.valid is None or (epochs := epochs_of(data.valid)) <= 1:
+        return None
+    t = cfg.train
+    return (f"note: each evaluation reads the valid split {epochs:.1f} times over "
+            f"(train.eval_iters x train.global_batch_size = {max(1, t.eval_iters) * t.global_batch_size:,} samples): "
+            "its loss averages repeated samples; lower train.eval_iters or raise data.valid_fraction")
+
+
 def format_plan(plan: Sequence[SourcePlan]) -> str:
     """The paper's Table 1 columns: sampling proportion, size, epochs."""
     head = f"{'source':<16}{'sampling prop.':>15}{'tokens':>16}{'sampled tokens':>18}{'epochs':>8}"
