@@ -14,6 +14,7 @@ setup(
         "torch>=2.4",
         "deepspeed>=0.14",
         "sentencepiece>=0.2",
+        "protobuf>=3.20",  # sentencepiece_model_pb2: a Meta tokenizer's dummy prefix switched off
         "tensorboard>=2.14",
         "numpy>=1.24",
         "pyyaml>=6.0",

@@ -1,4 +1,4 @@
-"""A deterministic in-memory dataset for layout tests (no tokenizer, no files)."""
+"""A deterministic in-memory dataset for layout tests (no tokenizer, no files), and a Meta-style tokenizer."""
 
 from types import SimpleNamespace
 
@@ -60,3 +60,23 @@ def synthetic_engine(cfg, world: int):
                                   ctx.dp_rank, ctx.dp_size), torch.device("cpu"))
     return SimpleNamespace(engine=engine, batches=batches, gas=gas, ctx=ctx,
                            step=lambda: train_step(engine, batches, gas, ctx, p.pp > 1))
+
+
+def meta_style_tokenizer(path) -> str:
+    """A small SentencePiece BPE model trained like Meta's LLaMA tokenizer (dummy prefix, identity
+    normalisation, whitespace kept) on standard-library text, written to ``path``; returns the path."""
+    import io
+    from pathlib import Path
+
+    import sentencepiece as spm
+
+    from megallama.eval.tiny import _stdlib_text
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([ln for ln in _stdlib_text(100_000).splitlines() if ln.strip()]), model_writer=model,
+        vocab_size=400, model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        add_dummy_prefix=True, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity", minloglevel=2)
+    Path(path).write_bytes(model.getvalue())
+    return str(path)

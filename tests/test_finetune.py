@@ -112,6 +112,25 @@ def test_conversation_tokens_and_mask_cover_exactly_the_responses(tok):
     assert tok.encode(render_prompt("Hi?", system="Be brief.")) == tok.encode("Be brief.\n\n") + parts[2][0]
 
 
+def test_pieces_after_the_first_get_no_dummy_prefix(tmp_path, tok):
+    """With a Meta-style tokenizer (dummy prefix) an example decodes to its rendered text: a response
+    (or a later turn) is tokenized as it continues the text, without a space put in front of it."""
+    from tests.synthetic import meta_style_tokenizer
+
+    meta = Tokenizer(meta_style_tokenizer(tmp_path / "meta.model"))
+    messages = [{"role": "user", "content": "Name a loop."}, {"role": "assistant", "content": "for x in y:"},
+                {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "while True:"}]
+    ids, mask = tokenize_example(messages, meta, "alpaca")
+    first, response = render_prompt("Name a loop."), "for x in y:"
+    text = first + response + "### Instruction:\nAnother?\n\n### Response:\n" + "while True:"
+    assert meta.decode([i for i in ids.tolist() if i not in (meta.bos_id, meta.eos_id)]) == text
+    trained = [i for i, m in zip(ids.tolist(), mask.tolist()) if m and i != meta.eos_id]
+    assert meta.decode(trained[:len(meta.encode_continuation(response))]) == response  # not " for x in y:"
+    assert meta.encode(response) != meta.encode_continuation(response)  # the dummy prefix is real here
+    # megallama's own tokenizers have no dummy prefix: there a continuation encodes as a start does
+    assert tok.encode_continuation(" for x in y:") == tok.encode(" for x in y:")
+
+
 def test_preprocess_reads_back_and_packs_whole_examples(tmp_path, tok, tokenizer_path):
     rows = [{"prompt": f"Is {n} even or odd?", "response": ["even", "odd"][n % 2]} for n in range(40)]
     rows[3] = {"instruction": "Add", "input": "2 and 3", "output": "5"}

@@ -109,22 +109,11 @@ def test_too_long_prompt_keeps_bos_and_its_end(lm):
 def test_completion_keeps_its_leading_space_with_a_dummy_prefix_tokenizer(tmp_path):
     """Meta's tokenizer (dummy prefix, identity normalisation) drops the leading space of ids decoded
     alone; a completion must read as it does after the prompt, or HumanEval bodies lose indentation."""
-    import io
-
-    import sentencepiece as spm
-
     from megallama.eval.lm import load_tokenizer
-    from megallama.eval.tiny import _stdlib_text
     from megallama.generation import decode_after
+    from tests.synthetic import meta_style_tokenizer
 
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([ln for ln in _stdlib_text(100_000).splitlines() if ln.strip()]), model_writer=model,
-        vocab_size=400, model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-        add_dummy_prefix=True, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-        normalization_rule_name="identity", minloglevel=2)
-    (tmp_path / "tok.model").write_bytes(model.getvalue())
-    tok = load_tokenizer(str(tmp_path / "tok.model"))
+    tok = load_tokenizer(meta_style_tokenizer(tmp_path / "tok.model"))
     prompt = tok.encode('def f(x):\n    """Identity."""\n', bos=True)
     body = tok.encode('def f(x):\n    """Identity."""\n    return x', bos=True)[len(prompt):]
     assert decode_after(tok, prompt, body) == "    return x"

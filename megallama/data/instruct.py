@@ -9,8 +9,9 @@ An *example* is a conversation.  Input files are JSONL, one example per line, in
 
 Rendering (see docs/finetuning.md): ``<s>`` then, per turn, the template's text for the system
 or user message, then the assistant's text followed by ``</s>``.  Each piece is tokenized on its
-own, so the boundary between prompt and response is exact; only assistant tokens and their
-``</s>`` are trained (loss mask 1), everything else is context (mask 0).
+own, so the boundary between prompt and response is exact (pieces after the first as
+continuations: a dummy-prefix tokenizer such as Meta's puts no space in front of them); only
+assistant tokens and their ``</s>`` are trained (loss mask 1), everything else is context (mask 0).
 
 ``megallama preprocess-instruct`` writes ``PREFIX.bin/.idx`` (tokens, one document per
 example), ``PREFIX.mask.bin/.idx`` (the 0/1 loss mask, same offsets) and, last, the manifest
@@ -165,8 +166,9 @@ def iter_examples(paths: Sequence[str]) -> Iterator[tuple[List[dict], str, int, 
 def tokenize_example(messages: Sequence[dict], tok: Tokenizer, template: str) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, loss mask) of one conversation: ``<s>`` + pieces, ``</s>`` after each response."""
     ids, mask = [tok.bos_id], [0]
-    for text, trained in segments(messages, template):
-        piece = tok.encode(text) + ([tok.eos_id] if trained else [])
+    for i, (text, trained) in enumerate(segments(messages, template)):
+        # pieces after the first continue the text: no dummy prefix (a space) in front of them
+        piece = (tok.encode_continuation(text) if i else tok.encode(text)) + ([tok.eos_id] if trained else [])
         ids += piece
         mask += [int(trained)] * len(piece)
     return np.asarray(ids, np.int64), np.asarray(mask, np.int64)
@@ -317,8 +319,11 @@ class InstructDataset:
                             f"--seq-len {seq_len} (and --truncate) or raise train.seq_len")
         rng = np.random.default_rng(np.random.SeedSequence(list(seed)))
         self.rows: List[np.ndarray] = []
+        per_epoch = 0
         while len(self.rows) < self.num_samples:
             self.rows += pack_rows(examples.lengths, rng.permutation(ids), capacity, packing)
+            per_epoch = per_epoch or len(self.rows)
+        self.epochs = self.num_samples / per_epoch  # passes over the split's examples
 
     def __len__(self) -> int:
         return self.num_samples

@@ -62,10 +62,32 @@ class Tokenizer:
         self.bos_id = int(self._sp.bos_id())
         self.eos_id = int(self._sp.eos_id())
         self.pad_id = int(self._sp.pad_id())  # -1: no padding piece
+        self._data, self._continuation = data, None
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> List[int]:
         ids = self._sp.EncodeAsIds(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_continuation(self, text: str) -> List[int]:
+        """Ids of ``text`` where it continues other text (a response after its prompt).
+
+        :meth:`encode` treats ``text`` as the start of one: a model with a dummy prefix (Meta's
+        LLaMA tokenizer; megallama's own have none) then puts a ``▁`` (a space) in front of it,
+        which inside a whole text is not there.  This encodes with the model's dummy prefix off.
+        """
+        if self._continuation is None:
+            self._continuation = self._sp
+            from sentencepiece import sentencepiece_model_pb2  # needs protobuf (a dependency)
+
+            proto = sentencepiece_model_pb2.ModelProto()
+            proto.ParseFromString(self._data)
+            if proto.normalizer_spec.add_dummy_prefix:
+                import sentencepiece as spm
+
+                proto.normalizer_spec.add_dummy_prefix = False
+                self._continuation = spm.SentencePieceProcessor()
+                self._continuation.LoadFromSerializedProto(proto.SerializeToString())
+        return self._continuation.EncodeAsIds(text)
 
     def encode_batch(self, texts: Sequence[str], threads: int = -1) -> List[List[int]]:
         """Encode many texts; SentencePiece spreads them over ``threads`` threads (-1: all cores)."""

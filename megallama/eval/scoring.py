@@ -48,7 +48,8 @@ def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[i
     whole = tok.encode(context + continuation, bos=True)
     if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
         return ctx, whole[len(ctx):]
-    return ctx, tok.encode(continuation)
+    # encoded on its own, as the text after the context (no dummy prefix, where the tokenizer has one)
+    return ctx, getattr(tok, "encode_continuation", tok.encode)(continuation)
 
 
 def _fit(ctx: list[int], cont_len: int, max_len: int) -> list[int]:
