@@ -18,7 +18,12 @@ read 1.05-1.13 where separate processes read 0.99-1.06.  ``faults MiB/step`` is 
 minor page faults per step in its process.
 
 MFU is model FLOP/s (``ModelConfig.flops_per_token``: 6N + 12·L·d·s) over the
-measured peak of a large fp32 matmul with the same threads, taken in the same run.
+measured peak of a large fp32 matmul with the same threads, taken in the same run: the best
+of torch's CPU GEMMs (``blas``: MKL's sgemm, which runs AVX2 code on AMD CPUs; ``onednn``:
+AVX-512; both printed).  Until 2026-12-02 the peak was MKL's alone (178-203 GFLOP/s on the
+2-core AMD EPYC here, where oneDNN reaches ~410): every MFU before then is against half the
+machine.  megallama runs its fp32 matmuls on :mod:`parallel.gemm` (``--cpu-gemm``, default
+``auto``: oneDNN where torch has it); the peer on torch's ``F.linear`` (MKL).
 The ``engine`` row runs ``megallama train``'s own step (DeepSpeed, ZeRO-1, fp32) on
 synthetic batches, for what the full training loop costs on top of the model.
 
@@ -52,14 +57,17 @@ from benchmarks._common import loadavg, median_ratio, print_table, time_call  # 
 from megallama.config import Config, preset_config  # noqa: E402
 from megallama.convert import hf_config, ours_to_hf  # noqa: E402
 from megallama.engine import build_optimizer  # noqa: E402
-from megallama.metrics import measure_cpu_matmul_flops  # noqa: E402
+from megallama.metrics import cpu_matmul_flops  # noqa: E402
 from megallama.model import build_model  # noqa: E402
 from megallama.train import compile_blocks  # noqa: E402
+from parallel import gemm  # noqa: E402
+from parallel.gemm import MATMUL_OPS  # noqa: E402
 
 
-def peak_matmul_flops() -> float:
-    """Best FLOP/s of a 2048×2048 fp32 matmul with this process's threads (the hardware limit)."""
-    return measure_cpu_matmul_flops(n=2048, repeats=5)
+def peak_matmul_flops() -> dict:
+    """Best FLOP/s of a 2048×2048 fp32 matmul with this process's threads, per CPU GEMM (the
+    best of them is the hardware limit)."""
+    return cpu_matmul_flops(n=2048, repeats=5)
 
 
 def hf_model(cfg: Config, ours: torch.nn.Module) -> torch.nn.Module:
@@ -102,8 +110,9 @@ _MATMULS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_, torc
 
 
 def _is_kernel(func) -> bool:
-    """A matmul or an attention kernel (any SDPA backend, forward or backward)."""
-    return func.overloadpacket in _MATMULS or "scaled_dot_product" in func.__name__
+    """A matmul (torch's or oneDNN's, :mod:`parallel.gemm`) or an attention kernel (any SDPA backend,
+    forward or backward)."""
+    return func.overloadpacket in _MATMULS or func in MATMUL_OPS or "scaled_dot_product" in func.__name__
 
 
 class _RecordKernels(TorchDispatchMode):
@@ -117,7 +126,8 @@ class _RecordKernels(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if _is_kernel(func):
-            sig = lambda a: (tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a  # noqa: E731
+            sig = lambda a: ((tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor)  # noqa: E731
+                             else tuple(a) if isinstance(a, list) else a)
             key = (func, tuple(map(sig, args)), tuple((k, sig(v)) for k, v in sorted(kwargs.items())))
             if key not in self.calls:
                 copy = lambda a: a.detach().clone() if isinstance(a, torch.Tensor) else a  # noqa: E731
@@ -154,7 +164,8 @@ class Contender:
     """One contender's training step on the preset's shapes (the peer holds our weights,
     converted), with the kernel calls of one step recorded for its floor."""
 
-    def __init__(self, who: str, name: str, batch: int, seq_len: int, compile_block: bool):
+    def __init__(self, who: str, name: str, batch: int, seq_len: int, compile_block: bool, cpu_gemm: str = "auto"):
+        gemm.set_cpu_backend(cpu_gemm)  # the peer's F.linear never takes parallel.gemm's products
         cfg = preset_config(name)
         cfg.train.seq_len = seq_len
         cfg.model.max_seq_len = max(cfg.model.max_seq_len, seq_len)
@@ -233,28 +244,29 @@ def alternate(contenders: dict, repeats: int, iters: int) -> dict:
     return out
 
 
-def benchmark_shared(name: str, batch: int, seq_len: int, repeats: int, iters: int, compile_block: bool) -> dict:
+def benchmark_shared(name: str, batch: int, seq_len: int, repeats: int, iters: int, compile_block: bool,
+                     cpu_gemm: str) -> dict:
     """Both contenders in this process (``--shared``; run it in a fresh one): one heap, so each
     one's page faults depend on what the other left in it (see the module docstring)."""
-    contenders = {who: Contender(who, name, batch, seq_len, compile_block) for who in ("megallama", "hf")}
+    contenders = {who: Contender(who, name, batch, seq_len, compile_block, cpu_gemm) for who in ("megallama", "hf")}
     return alternate(contenders, repeats, iters)
 
 
 def benchmark_separate(threads: int, name: str, batch: int, seq_len: int, repeats: int, iters: int,
-                       compile_block: bool) -> dict:
+                       compile_block: bool, cpu_gemm: str) -> dict:
     """Each contender in a process of its own, the two taking turns: one steps while the other
     waits for its next command (and they are built one after the other)."""
     contenders = {}
     try:
         for who in ("megallama", "hf"):
-            contenders[who] = ContenderProcess(threads, who, name, batch, seq_len, compile_block)
+            contenders[who] = ContenderProcess(threads, who, name, batch, seq_len, compile_block, cpu_gemm)
         return alternate(contenders, repeats, iters)
     finally:
         for c in contenders.values():
             c.close()
 
 
-def engine_tokens_per_sec(steps: int) -> float:
+def engine_tokens_per_sec(steps: int, cpu_gemm: str = "auto") -> float:
     """Steady tokens/s of ``megallama train``'s loop (DeepSpeed engine, ZeRO-1, fp32) on the demo
     preset with in-memory synthetic batches (no data files; the first step is excluded as warm-up)."""
     import tempfile
@@ -265,7 +277,7 @@ def engine_tokens_per_sec(steps: int) -> float:
 
     with tempfile.TemporaryDirectory() as run_dir:
         overrides = [f"train.steps={steps}", "train.tensorboard=false", "train.eval_interval=0",
-                     "train.precision=fp32", f"train.run_dir={run_dir}/run"]
+                     "train.precision=fp32", f"train.run_dir={run_dir}/run", f"train.cpu_gemm={cpu_gemm}"]
         cfg = validate(load_config(None, overrides, preset="demo"), 1)
         return train(cfg, data=bundle(cfg)).tokens_per_sec
 
@@ -298,19 +310,22 @@ def main(argv=None) -> int:
     ap.add_argument("--shared", action="store_true",
                     help="both contenders in one process (one heap; before 2026-12-02 the only way)")
     ap.add_argument("--engine-steps", type=int, default=12, help="steps of the engine row (0 = skip it)")
+    ap.add_argument("--cpu-gemm", choices=gemm.BACKENDS, default="auto",
+                    help="megallama's fp32 matmuls (train.cpu_gemm; the peer always runs torch's F.linear)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    peak = peak_matmul_flops()
+    peaks = peak_matmul_flops()
     rows = []
     for name in args.presets:
         seq = 256 if name == "demo" else 512
         batch = args.batch or preset_config(name).train.micro_batch_size
         iters = args.iters or (4 if name == "demo" else 1)
-        run = (name, batch, seq, args.repeats, iters, args.compile)
+        run = (name, batch, seq, args.repeats, iters, args.compile, args.cpu_gemm)
         res = (in_fresh_process(args.threads, benchmark_shared, *run) if args.shared
                else benchmark_separate(args.threads, *run))
-        peak = max(peak, peak_matmul_flops())
+        peaks = {k: max(v, peaks[k]) for k, v in peak_matmul_flops().items()}
+        peak = max(peaks.values())
         cfg = preset_config(name)
         fpt = cfg.model.flops_per_token(seq)
         load = loadavg()
@@ -325,10 +340,14 @@ def main(argv=None) -> int:
                          ceiling, f"{statistics.median(r['faults']):,.0f}", load])
     if "demo" in args.presets and args.engine_steps:
         fpt = preset_config("demo").model.flops_per_token(256)
-        tps = in_fresh_process(args.threads, engine_tokens_per_sec, args.engine_steps)
+        tps = in_fresh_process(args.threads, engine_tokens_per_sec, args.engine_steps, args.cpu_gemm)
+        peak = max(peaks.values())
         rows.append(["demo", "", "16x256", "megallama train (DeepSpeed)", f"{tps:,.0f}",
                      f"{100 * tps * fpt / peak:.1f}%", "", "", "", "", loadavg()])
-    print(f"threads {args.threads} | peak fp32 matmul {peak / 1e9:.1f} GFLOP/s | torch {torch.__version__}")
+    gemm.set_cpu_backend(args.cpu_gemm)
+    each = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peaks.items())
+    print(f"threads {args.threads} | peak fp32 matmul {max(peaks.values()) / 1e9:.1f} GFLOP/s ({each}) | "
+          f"megallama's fp32 matmuls: {gemm.cpu_backend()} | torch {torch.__version__}")
     print_table(["preset", "params", "batch", "model", "tokens/s", "MFU", "vs hf", "kernel floor", "ceiling",
                  "faults MiB/step", "load"],
                 rows)

@@ -119,6 +119,7 @@ class TrainConfig:
     precision: str = "bf16"  # fp32 | bf16 | fp16
     activation_checkpointing: str = "selective"  # none | selective | full
     compile: bool = False  # torch.compile each transformer block (fuses norms, rotary, SwiGLU, residuals)
+    cpu_gemm: str = "auto"  # fp32 CPU matmuls: auto (oneDNN where torch has it), onednn or blas (parallel/gemm.py)
     seed: int = 1234
     run_dir: str = "runs/megallama"
     ds_template: str = ""  # a file in ds_configs/ (e.g. zero1.json); empty = chosen from zero_stage
@@ -431,6 +432,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
          f"= {t.micro_batch_size}*{dp}; adjust the batch sizes")
     need(t.steps >= 0 and t.tokens >= 0, "train.steps and train.tokens must be >= 0")
     need(t.precision in ("fp32", "bf16", "fp16"), f"train.precision must be fp32, bf16 or fp16, got '{t.precision}'")
+    need(t.cpu_gemm in ("auto", "onednn", "blas"), f"train.cpu_gemm must be auto, onednn or blas, got '{t.cpu_gemm}'")
     need(not (t.precision == "bf16" and p.zero_stage == 0),
          "train.precision=bf16 needs parallel.zero_stage >= 1 on DeepSpeed (its bf16 optimizer); "
          "use zero_stage 1 or precision fp32")

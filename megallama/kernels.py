@@ -114,7 +114,13 @@ def check_rms_norm(device="cuda") -> str:
 
 
 def describe(device: torch.device) -> Optional[str]:
-    """One line naming the fused kernels a run on ``device`` uses (None on CPU: the eager forms)."""
+    """One line naming the kernels a run on ``device`` uses: on CPU its fp32 GEMM
+    (:mod:`parallel.gemm`), on CUDA the fused ones (None elsewhere)."""
+    if torch.device(device).type == "cpu":
+        from parallel import gemm
+
+        return {"onednn": "kernels: fp32 matmuls on oneDNN (train.cpu_gemm=blas for torch's BLAS)",
+                "blas": "kernels: fp32 matmuls on torch's BLAS"}[gemm.cpu_backend()]
     if torch.device(device).type != "cuda":
         return None
     rms = {"apex": "NVIDIA apex fused_rms_norm_affine", "torch": "torch _fused_rms_norm",

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from megallama.config import ModelConfig
 from megallama.kernels import fused_rms_norm
 from parallel.comm import SAVE_IN_RECOMPUTE, gather_from_tp
+from parallel.gemm import MATMUL_OPS
 from parallel.init import init_normal_
 from parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, replicated_weight
 from parallel.topology import ParallelContext
@@ -370,7 +371,7 @@ _ATTENTION_KERNELS = ("_scaled_dot_product_flash_attention", "_scaled_dot_produc
                       "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
 _EXPENSIVE = ({torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
               | {getattr(torch.ops.aten, name).default for name in _ATTENTION_KERNELS if hasattr(torch.ops.aten, name)}
-              | SAVE_IN_RECOMPUTE)
+              | SAVE_IN_RECOMPUTE | MATMUL_OPS)
 
 
 def _save_matmuls_policy(ctx, op, *args, **kwargs):

@@ -39,6 +39,7 @@ from megallama.kernels import describe as describe_kernels
 from megallama.metrics import Progress, peak_flops_per_device
 from megallama.preflight import check_inputs
 from megallama.model import PipelineLoss, Transformer, canonical_name, init_parameters, pipeline_layers
+from parallel import gemm
 from parallel.grad import global_grad_norm
 from parallel.mpu import MPU
 from parallel.topology import ParallelContext
@@ -123,6 +124,10 @@ def build_engine(cfg: Config, ctx: ParallelContext):
     import deepspeed
 
     m, p, t = cfg.model, cfg.parallel, cfg.train
+    try:
+        gemm.set_cpu_backend(t.cpu_gemm)
+    except ValueError as exc:
+        raise ConfigError(f"train.cpu_gemm={t.cpu_gemm}: {exc}") from None
     if p.pp == 1:
         model = Transformer(m, ctx, sequence_parallel=p.sequence_parallel, checkpointing=t.activation_checkpointing)
         init_parameters(model.named_parameters(), m, t.seed, ctx)

@@ -29,6 +29,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from parallel import gemm
+
 Group = Optional[dist.ProcessGroup]
 
 
@@ -237,16 +239,12 @@ def _group_name(group: dist.ProcessGroup) -> str:
     return group.group_name
 
 
-def _matmul_weight_grad(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return grad_out.reshape(-1, grad_out.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
-
-
 @torch.library.custom_op("parallel::column_linear", mutates_args=())
 def _column_linear(x: torch.Tensor, weight: torch.Tensor, group_name: str, sequence_parallel: bool) -> torch.Tensor:
     """``y = x @ W^T`` for a column-parallel weight; under SP the sequence-sharded input is
     all-gathered first."""
     total = all_gather_dim0(x, _GROUPS[group_name]) if sequence_parallel else x
-    return torch.matmul(total, weight.t())
+    return gemm.matmul(total, weight.t())
 
 
 @_column_linear.register_fake
@@ -274,7 +272,7 @@ def _column_linear_backward(ctx, grad_out):
         total, gather = all_gather_dim0(x, group, async_op=True)
     else:
         total = x
-    grad_input = torch.matmul(grad_out, weight) if ctx.needs_input_grad[0] else None
+    grad_input = gemm.matmul(grad_out, weight) if ctx.needs_input_grad[0] else None
     if gather is not None:
         gather.wait()
     comm = None
@@ -283,7 +281,7 @@ def _column_linear_backward(ctx, grad_out):
             grad_input, comm = reduce_scatter_dim0(grad_input, group, async_op=True)
         else:
             comm = all_reduce(grad_input, group, async_op=True)
-    grad_weight = _matmul_weight_grad(grad_out, total) if ctx.needs_input_grad[1] else None
+    grad_weight = gemm.weight_grad(grad_out, total) if ctx.needs_input_grad[1] else None
     if comm is not None:
         comm.wait()
     return grad_input, grad_weight, None, None
@@ -296,7 +294,7 @@ _column_linear.register_autograd(_column_linear_backward, setup_context=_save_li
 def _row_linear(x: torch.Tensor, weight: torch.Tensor, group_name: str, sequence_parallel: bool) -> torch.Tensor:
     """``y = x @ W^T`` for a row-parallel weight (``x`` split along its last dimension): the
     partial products are all-reduced, or reduce-scattered along the sequence under SP."""
-    partial = torch.nn.functional.linear(x, weight)
+    partial = gemm.matmul(x, weight.t())
     group = _GROUPS[group_name]
     return reduce_scatter_dim0(partial, group) if sequence_parallel else all_reduce(partial, group)
 
@@ -315,8 +313,8 @@ def _row_linear_backward(ctx, grad_out):
     x, weight = ctx.saved_tensors
     if ctx.sp:
         grad_out = all_gather_dim0(grad_out, ctx.group)
-    grad_input = torch.matmul(grad_out, weight) if ctx.needs_input_grad[0] else None
-    grad_weight = _matmul_weight_grad(grad_out, x) if ctx.needs_input_grad[1] else None
+    grad_input = gemm.matmul(grad_out, weight) if ctx.needs_input_grad[0] else None
+    grad_weight = gemm.weight_grad(grad_out, x) if ctx.needs_input_grad[1] else None
     return grad_input, grad_weight, None, None
 
 
@@ -343,7 +341,7 @@ def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, group: Group,
     is all-gathered; backward overlaps the input-gradient all-reduce (reduce-scatter) with the
     weight-gradient matmul."""
     if group_size(group) == 1:
-        return torch.nn.functional.linear(x, weight)
+        return gemm.linear(x, weight)
     return _column_linear(*_as_autocast(x, weight), _group_name(group), sequence_parallel)
 
 
@@ -352,5 +350,5 @@ def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, group: Group,
     """``x @ W^T`` of a row-parallel weight, the partial sums all-reduced (reduce-scattered
     along the sequence under SP)."""
     if group_size(group) == 1:
-        return torch.nn.functional.linear(x, weight)
+        return gemm.linear(x, weight)
     return _row_linear(*_as_autocast(x, weight), _group_name(group), sequence_parallel)

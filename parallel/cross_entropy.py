@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from parallel import gemm
 from parallel.comm import Group, group_rank, group_size
 
 
@@ -117,7 +118,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for lo in range(0, n_tokens, chunk):
             hi = min(n_tokens, lo + chunk)
             xc, tc = x[lo:hi], target[lo:hi]
-            logits = torch.matmul(xc, weight.t()).float()  # [n, V/t]
+            logits = gemm.matmul(xc, weight.t()).float()  # [n, V/t]
             if first_pad is not None:
                 logits[:, max(first_pad, 0):] = float("-inf")
             outside = (tc < start) | (tc >= start + n_local)
@@ -141,12 +142,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs.scatter_add_(-1, local_t, (~outside).to(probs.dtype).neg_().unsqueeze(-1))
             probs.mul_(token_weight[lo:hi].unsqueeze(-1))
             g = probs.to(x.dtype)
-            torch.matmul(g, weight, out=grad_x[lo:hi])
+            gemm.matmul(g, weight, out=grad_x[lo:hi])
             if weight.dtype != torch.float32:  # a 16-bit product, summed in fp32
                 part = torch.matmul(g.t(), xc)
                 if lo == 0:
                     grad_w.copy_(part)
                 else:
+                    grad_w.add_(part)
+            elif gemm.cpu_backend() == "onednn" and x.device.type == "cpu":  # no in-place accumulate there
+                part = gemm.matmul(g.t(), xc, out=grad_w if lo == 0 else None)
+                if lo:
                     grad_w.add_(part)
             elif lo == 0:
                 torch.mm(g.t(), xc, out=grad_w)

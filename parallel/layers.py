@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from parallel import comm
+from parallel import comm, gemm
 from parallel.cross_entropy import linear_cross_entropy
 from parallel.init import mark_sharded
 from parallel.topology import ParallelContext
@@ -103,7 +103,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fuse_collective:
             return comm.row_parallel_linear(x, self.weight, self.group, self.sequence_parallel)
-        y = F.linear(x, self.weight)
+        y = gemm.linear(x, self.weight)
         return comm.reduce_scatter_to_sp(y, self.group) if self.sequence_parallel else comm.reduce_from_tp(y, self.group)
 
     def extra_repr(self) -> str:

@@ -202,7 +202,8 @@ def kernel_runs(model, tokens):
     with counter:
         model(tokens[:, :-1], tokens[:, 1:]).backward()
     attention = sum(counter.runs[name] for name in _ATTENTION_KERNELS)
-    return attention, sum(counter.runs[name] for name in ("mm", "addmm", "bmm"))
+    # torch's products and oneDNN's (parallel.gemm runs fp32 CPU linears there)
+    return attention, sum(counter.runs[name] for name in ("mm", "addmm", "bmm", "onednn_matmul"))
 
 
 def test_selective_recompute_reruns_no_matmul_and_no_attention():
@@ -213,6 +214,6 @@ def test_selective_recompute_reruns_no_matmul_and_no_attention():
     tokens = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
     runs = {mode: kernel_runs(build_model(cfg, seed=1, checkpointing=mode), tokens)
             for mode in ("none", "selective", "full")}
-    assert runs["none"][0] == cfg.n_layers
+    assert runs["none"][0] == cfg.n_layers and runs["none"][1] >= 3 * 4 * cfg.n_layers  # 4 linears a block
     assert runs["selective"] == runs["none"]
     assert runs["full"][0] == 2 * cfg.n_layers and runs["full"][1] > runs["none"][1]
