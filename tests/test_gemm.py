@@ -95,3 +95,15 @@ def test_bad_backend_names_the_choices(backend):
     with pytest.raises(ConfigError, match="train.cpu_gemm must be auto, onednn or blas, got 'mkl'"):
         validate(load_config(preset="tiny", overrides=["train.cpu_gemm=mkl"]), 1)
     assert gemm.cpu_backend() in ("onednn", "blas")
+
+
+def test_a_torch_without_onednn_runs_blas_and_refuses_onednn(backend, monkeypatch):
+    monkeypatch.setattr(gemm, "_ONEDNN", False)
+    backend("auto")
+    assert gemm.cpu_backend() == "blas"
+    ops = Ops()
+    with ops:
+        gemm.linear(torch.randn(4, 8), torch.randn(5, 8))
+    assert "onednn_matmul" not in ops.names and "mm" in ops.names
+    with pytest.raises(ValueError, match="no usable oneDNN inner product.*use the 'blas' or 'auto'"):
+        backend("onednn")
