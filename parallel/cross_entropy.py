@@ -149,10 +149,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w.copy_(part)
                 else:
                     grad_w.add_(part)
-            elif gemm.cpu_backend() == "onednn" and x.device.type == "cpu":  # no in-place accumulate there
-                part = gemm.matmul(g.t(), xc, out=grad_w if lo == 0 else None)
-                if lo:
-                    grad_w.add_(part)
+            # torch's own products here: oneDNN's has no in-place form, and a [V/t, d] temporary per
+            # chunk would add a weight-sized buffer to the loss's peak memory (what the planner counts)
             elif lo == 0:
                 torch.mm(g.t(), xc, out=grad_w)
             else:

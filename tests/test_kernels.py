@@ -96,7 +96,12 @@ def test_torch_fused_kernels_match_the_eager_node(monkeypatch):
 
 
 def test_the_run_names_its_kernels(fresh_apex):
-    assert kernels.describe(torch.device("cpu")) is None  # the eager forms: nothing to announce
+    from parallel import gemm  # on CPU: the GEMM of its fp32 matmuls (the element-wise layers are eager)
+
+    assert kernels.describe(torch.device("cpu")) == {
+        "onednn": "kernels: fp32 matmuls on oneDNN (train.cpu_gemm=blas for torch's BLAS)",
+        "blas": "kernels: fp32 matmuls on torch's BLAS"}[gemm.cpu_backend()]
+    assert kernels.describe(torch.device("meta")) is None
     assert kernels.describe(torch.device("cuda")) == "fused kernels: RMSNorm torch _fused_rms_norm; AdamW torch fused=True"
     kernels.apex_rms_norm.cache_clear()
     fresh_apex(**_nvidia_apex([]))
