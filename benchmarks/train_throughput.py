@@ -341,12 +341,11 @@ def main(argv=None) -> int:
     if "demo" in args.presets and args.engine_steps:
         fpt = preset_config("demo").model.flops_per_token(256)
         tps = in_fresh_process(args.threads, engine_tokens_per_sec, args.engine_steps, args.cpu_gemm)
-        peak = max(peaks.values())
         rows.append(["demo", "", "16x256", "megallama train (DeepSpeed)", f"{tps:,.0f}",
                      f"{100 * tps * fpt / peak:.1f}%", "", "", "", "", loadavg()])
     gemm.set_cpu_backend(args.cpu_gemm)
     each = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peaks.items())
-    print(f"threads {args.threads} | peak fp32 matmul {max(peaks.values()) / 1e9:.1f} GFLOP/s ({each}) | "
+    print(f"threads {args.threads} | peak fp32 matmul {peak / 1e9:.1f} GFLOP/s ({each}) | "
           f"megallama's fp32 matmuls: {gemm.cpu_backend()} | torch {torch.__version__}")
     print_table(["preset", "params", "batch", "model", "tokens/s", "MFU", "vs hf", "kernel floor", "ceiling",
                  "faults MiB/step", "load"],

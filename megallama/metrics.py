@@ -25,12 +25,13 @@ from megallama.config import Config
 
 def cpu_matmul_flops(n: int = 1024, repeats: int = 8, dtype: torch.dtype = torch.float32) -> dict:
     """FLOP/s of a large ``dtype`` matmul with this process's threads (best of ``repeats``) on each
-    CPU GEMM this torch has (:mod:`parallel.gemm`: ``blas``, and ``onednn`` where available)."""
+    CPU GEMM this torch has (:mod:`parallel.gemm`: ``blas``, and for fp32 ``onednn`` where available;
+    torch's own bf16 products already run on oneDNN)."""
     from parallel import gemm
 
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     out = {}
-    for backend in ("blas", "onednn") if gemm.onednn_available() else ("blas",):
+    for backend in ("blas", "onednn") if gemm.onednn_available() and dtype == torch.float32 else ("blas",):
         gemm.matmul(a, b, backend=backend)
         best = float("inf")
         for _ in range(repeats):

@@ -82,10 +82,7 @@ def load_grid(path: Path) -> list[SweepRun]:
     lrs = _positive_list(grid["lr"], "lr", path) if "lr" in grid else [None]
     warmup = grid.get("warmup_fraction")
     if warmup is not None:
-        try:  # strings such as '5e-2' too (YAML 1.1 reads them as text)
-            warmup = -1.0 if isinstance(warmup, bool) else float(warmup)
-        except (TypeError, ValueError):
-            warmup = -1.0
+        warmup = _number(warmup)
         if not 0 <= warmup < 1:
             raise UserError(f"grid file '{path}': 'warmup_fraction' must be a number in [0, 1), e.g. 0.05, "
                             f"got {grid['warmup_fraction']!r}")
@@ -105,14 +102,19 @@ def load_grid(path: Path) -> list[SweepRun]:
     return runs
 
 
+def _number(value) -> float:
+    """``value`` as a float, strings such as '1e11' too (YAML 1.1 reads them as text); -1 if it is none."""
+    try:
+        return float(value) if not isinstance(value, bool) else -1.0
+    except (TypeError, ValueError):
+        return -1.0
+
+
 def _positive_list(values, key: str, path: Path) -> list[float]:
     """Positive numbers; strings such as '1e11' are accepted (YAML 1.1 reads them as text)."""
     out = []
     for v in values if isinstance(values, list) else [None]:
-        try:
-            x = float(v) if not isinstance(v, bool) else -1.0
-        except (TypeError, ValueError):
-            x = -1.0
+        x = _number(v)
         if not (x > 0 and math.isfinite(x)):
             raise UserError(f"grid file '{path}': '{key}' must be a non-empty list of positive numbers, "
                             "e.g. [1.0e+11, 1.0e+12]")
@@ -140,16 +142,16 @@ def _make_run(path: Path, base: dict, model: str, overrides: dict, budget_key: s
     if not cfg.train.eval_interval:
         train["eval_interval"] = steps  # the trainer validates only on eval steps; the fit needs the last
     _deep_update(raw, {"train": train})
-    name = f"{model}_{budget_key[0]}{budget:.3g}" + (f"_lr{lr:g}" if lr is not None else "")
+    name = (f"{model}_{budget_key[0]}{budget:.3g}" + (f"_lr{lr:g}" if lr is not None else "")).replace("+", "")
     warmup = cfg.optim.warmup_steps if warmup_fraction is None else round(warmup_fraction * steps)
     if warmup >= steps:  # the schedule would end in its warmup, at the peak rate, never decaying
         fix = ("lower 'warmup_fraction'" if warmup_fraction is not None
                else "lower base optim.warmup_steps or set 'warmup_fraction:' (e.g. 0.05)")
-        raise UserError(f"grid file '{path}': run {name.replace('+', '')} trains {steps} steps, not more than its "
+        raise UserError(f"grid file '{path}': run {name} trains {steps} steps, not more than its "
                         f"{warmup} warmup steps (its learning rate would never decay); {fix}, or raise its budget")
     if warmup_fraction is not None:
         _deep_update(raw, {"optim": {"warmup_steps": warmup}})
-    return SweepRun(name=name.replace("+", ""), model=model, lr=lr,
+    return SweepRun(name=name, model=model, lr=lr,
                     config=dict(preset=preset, **raw) if preset else raw)
 
 
