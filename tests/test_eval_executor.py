@@ -131,7 +131,9 @@ HOSTILE = {
 
 def test_hostile_completions_score_as_failed():
     task = humaneval(humaneval_default_path())[0]
-    scores, records = score_code([task], [list(HOSTILE.values())], [1, 4], FAST)
+    # 8 s of wall clock: on a loaded CI machine the socket completion was once killed by FAST's 2 s
+    # before it reached its connect (the loop still stops at the 2 s CPU limit)
+    scores, records = score_code([task], [list(HOSTILE.values())], [1, 4], Limits(timeout_s=8.0, cpu_s=2))
     assert scores == {"pass@1": 0.0, "pass@4": 0.0}
     assert "passed" not in records[0]["status"]
     assert records[0]["detail"][2].startswith("PermissionError") and "network" in records[0]["detail"][3]
