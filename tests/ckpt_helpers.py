@@ -14,12 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
-# Until cli.py registers the checkpoint tools, the subprocess adds them (same table format).
-TOOLS = {"reshard": ("tools.reshard", "reshard a checkpoint"), "export-hf": ("tools.export_hf", "export to HF"),
-         "import-hf": ("tools.import_hf", "import from HF"), "import-meta": ("tools.import_meta", "import Meta"),
-         "export-meta": ("tools.export_meta", "export to Meta's format")}
-_LAUNCH = ("import sys; from megallama import cli; "
-           "[cli.SUBCOMMANDS.setdefault(k, v) for k, v in %r.items()]; sys.exit(cli.main(sys.argv[1:]))" % TOOLS)
+_LAUNCH = "import sys; from megallama import cli; sys.exit(cli.main(sys.argv[1:]))"
 
 
 def env(**extra) -> dict:

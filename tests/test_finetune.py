@@ -16,10 +16,7 @@ from megallama.data.tokenizer import Tokenizer, train_tokenizer
 from megallama.errors import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Until cli.py registers it, run preprocess-instruct through the CLI with the entry added.
-RUNNER = ("import sys; from megallama import cli; "
-          "cli.SUBCOMMANDS.setdefault('preprocess-instruct', ('tools.preprocess_instruct', 'instruction data')); "
-          "sys.exit(cli.main())")
+RUNNER = "import sys; from megallama import cli; sys.exit(cli.main())"
 
 
 def cli(*args, timeout=240):

@@ -228,7 +228,7 @@ def env(tmp_path, monkeypatch):
     grid.write_text(yaml.safe_dump(GRID))
     log = tmp_path / "calls.log"
     monkeypatch.setenv("FAKE_LOG", str(log))
-    monkeypatch.setitem(cli.SUBCOMMANDS, "sweep", ("tools.sweep", "scaling sweep"))
+    monkeypatch.setitem(cli.SUBCOMMANDS, "sweep", ("megallama.commands.sweep", "scaling sweep"))
     launcher = f"{shlex.quote(sys.executable)} {shlex.quote(str(fake))}"
 
     def go(*extra, grid_path=grid):

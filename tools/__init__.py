@@ -1,2 +1,2 @@
-"""Offline tools behind `megallama <subcommand>`: tokenizer, preprocessing, curation,
-resharding, conversion, sweeps, planner, carbon."""
+"""Libraries of the offline tools (planner, carbon, scaling fits, sweeps, resharding, HF/Meta conversion);
+their command lines live in :mod:`megallama.commands`."""

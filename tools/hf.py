@@ -23,18 +23,9 @@ from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, building, wri
 from megallama.config import ModelConfig
 from megallama.convert import hf_config, hf_to_ours, ours_to_hf
 from megallama.errors import CheckpointError, UserError
-from tools.checkpoint_io import (add_layout_arguments, check_new_output, check_not_source,
-                                 commit_directory, ffn_settings, imported_config, source_number)
+from tools.checkpoint_io import check_new_output, check_not_source, commit_directory, ffn_settings, imported_config, source_number
 
 # ----------------------------------------------------------------------------- export
-
-
-def add_export_arguments(p) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="SRC", help="checkpoint (step_N) or run directory")
-    p.add_argument("--output", required=True, metavar="DIR", help="directory to write")
-    p.add_argument("--max-shard-mb", type=float, default=5000.0,
-                   help="largest safetensors shard (default: 5000 MB, as transformers writes them)")
-    p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
 def _shards(tensors: dict[str, torch.Tensor], max_bytes: float) -> list[dict[str, torch.Tensor]]:
@@ -112,19 +103,7 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def run_export(args) -> int:
-    out = export_hf(args.checkpoint, args.output, args.max_shard_mb, args.force)
-    print(f"wrote {out} (load with transformers.LlamaForCausalLM.from_pretrained)")
-    return 0
-
-
 # ----------------------------------------------------------------------------- import
-
-
-def add_import_arguments(p) -> None:
-    p.add_argument("directory", metavar="DIR", help="a Hugging Face LLaMA model directory")
-    p.add_argument("--output", required=True, metavar="DST", help="new run directory to write")
-    add_layout_arguments(p, "written checkpoint")
 
 
 def model_config_from_hf(path: Path) -> ModelConfig:
@@ -218,9 +197,3 @@ def import_hf(directory, out, tp: int = 1, pp: int = 1) -> Path:
     tok = directory / "tokenizer.model"
     return write_run_checkpoint(out, cfg, ours, tokenizer_path=str(tok) if tok.is_file() else None,
                                 extra_meta={"imported_from": {"format": "huggingface", "path": str(directory)}})
-
-
-def run_import(args) -> int:
-    out = import_hf(args.directory, args.output, args.tp, args.pp)
-    print(f"wrote {out} (weights only; tp={args.tp}, pp={args.pp})")
-    return 0

@@ -23,8 +23,7 @@ from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, building, wri
 from megallama.config import ModelConfig
 from megallama.convert import meta_to_ours, ours_to_meta
 from megallama.errors import CheckpointError
-from tools.checkpoint_io import (add_layout_arguments, check_new_output, check_not_source,
-                                 commit_directory, imported_config, source_number)
+from tools.checkpoint_io import check_new_output, check_not_source, commit_directory, imported_config, source_number
 
 # suffix of a Meta parameter name -> dimension its model-parallel shards are concatenated on
 # (None: replicated, every shard holds the full tensor)
@@ -123,18 +122,6 @@ def import_meta(directory, out, tp: int = 1, pp: int = 1) -> Path:
                                 extra_meta={"imported_from": {"format": "meta", "path": str(directory)}})
 
 
-def add_import_arguments(p) -> None:
-    p.add_argument("directory", metavar="DIR", help="Meta release directory (params.json, consolidated.NN.pth)")
-    p.add_argument("--output", required=True, metavar="DST", help="new run directory to write")
-    add_layout_arguments(p, "written checkpoint")
-
-
-def run_import(args) -> int:
-    out = import_meta(args.directory, args.output, args.tp, args.pp)
-    print(f"wrote {out} (weights only; tp={args.tp}, pp={args.pp})")
-    return 0
-
-
 # ----------------------------------------------------------------------------- export
 
 
@@ -177,16 +164,3 @@ def export_meta(src, out, mp: int = 1, force: bool = False) -> Path:
             shutil.copyfile(reader.path / TOKENIZER_FILE, tmp / "tokenizer.model")
         commit_directory(tmp, out)
     return out
-
-
-def add_export_arguments(p) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="SRC", help="checkpoint (step_N) or run directory")
-    p.add_argument("--output", required=True, metavar="DIR", help="directory to write")
-    p.add_argument("--mp", type=int, default=1, help="model-parallel shards to write (default: 1)")
-    p.add_argument("--force", action="store_true", help="replace an existing output directory")
-
-
-def run_export(args) -> int:
-    out = export_meta(args.checkpoint, args.output, args.mp, args.force)
-    print(f"wrote {out} ({args.mp} consolidated shard(s) and params.json)")
-    return 0

@@ -29,16 +29,6 @@ from tools.checkpoint_io import check_new_output
 KEPT_META = ("lr_scheduler_last_epoch", "optimizer_lrs", "loss_scale", "tokenizer_fingerprint")
 
 
-def add_arguments(p) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="SRC", help="checkpoint (step_N) or run directory")
-    p.add_argument("--tp", type=int, required=True, help="target tensor-parallel size")
-    p.add_argument("--pp", type=int, required=True, help="target pipeline stages")
-    p.add_argument("--dp", type=int, default=0, help="target data-parallel size: validated and recorded only "
-                   "(the format is independent of DP/ZeRO)")
-    p.add_argument("--output", required=True, metavar="DST", help="new run directory to write")
-    p.add_argument("--weights-only", action="store_true", help="drop the optimizer state")
-
-
 def reshard(src, dst, tp: int, pp: int, dp: int = 0, weights_only: bool = False):
     """Write ``src`` (checkpoint or run dir) at layout tp x pp (x dp) into the new run dir ``dst``."""
     check_new_output(dst)
@@ -64,9 +54,3 @@ def reshard(src, dst, tp: int, pp: int, dp: int = 0, weights_only: bool = False)
     return write_run_checkpoint(dst, cfg, weights, moments, step=meta["step"],
                                 consumed_samples=meta["consumed_samples"],
                                 tokenizer_path=str(tok) if tok.is_file() else None, extra_meta=extra)
-
-
-def run(args) -> int:
-    out = reshard(args.checkpoint, args.output, args.tp, args.pp, args.dp, args.weights_only)
-    print(f"wrote {out} (tp={args.tp}, pp={args.pp}{', weights only' if args.weights_only else ''})")
-    return 0

@@ -3,8 +3,7 @@
 Numbers split into digits, byte fallback for unknown UTF-8, no normalisation and
 no whitespace collapsing (code and newlines round-trip exactly), <s>=1, </s>=2.
 Training reads a bounded, seeded reservoir sample of the inputs, so large inputs
-stay cheap and the same inputs and seed give the same model.
-"""
+stay cheap and the same inputs and seed give the same model."""
 
 from __future__ import annotations
 
