@@ -42,7 +42,7 @@ def _munge_works(env: dict) -> bool:
 class LocalSlurm:
     """slurmctld + slurmd + munged on localhost; ``env`` points the client commands at it."""
 
-    CPUS = 4  # advertised (config_overrides): room for two 1-CPU tasks plus the batch step
+    CPUS = 2  # advertised (config_overrides): a small node; the scripts size themselves from it
 
     def __init__(self, root: Path):
         self.root = Path(root)

@@ -50,7 +50,7 @@ def _logs(logs: Path) -> str:
                      if p.is_file())
 
 
-TWO_TASKS = ["--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1"]
+TWO_TASKS = ["--ntasks-per-node=2"]  # ranks per node; the job takes the whole (2-CPU) node
 
 
 def test_srun_script_trains_two_ranks_to_completion(slurm, tmp_path, tmp_path_factory):
@@ -67,8 +67,7 @@ def test_srun_script_trains_two_ranks_to_completion(slurm, tmp_path, tmp_path_fa
 def test_deepspeed_script_trains_two_ranks_to_completion(slurm, tmp_path, tmp_path_factory):
     ref = reference_losses(tmp_path_factory.getbasetemp())
     logs = tmp_path / "logs"
-    job = _submit(slurm, "train_deepspeed.sbatch", ["--ntasks=1", "--cpus-per-task=2"],
-                  train_args(tmp_path / "run"), logs, MEGALLAMA_GPUS_PER_NODE="2")
+    job = _submit(slurm, "train_deepspeed.sbatch", TWO_TASKS, train_args(tmp_path / "run"), logs)
     info = slurm.wait(job, 180)
     assert info["JobState"] == "COMPLETED", _logs(logs)
     assert (logs / "hostfile").read_text().split() == [slurm.host, "slots=2"]
@@ -115,7 +114,7 @@ def _rank0_log(logs: Path) -> str:
 
 @pytest.mark.parametrize("script,options,extra", [
     ("train_srun.sbatch", TWO_TASKS, {}),
-    ("train_deepspeed.sbatch", ["--ntasks=1", "--cpus-per-task=2"], {"MEGALLAMA_GPUS_PER_NODE": "2"}),
+    ("train_deepspeed.sbatch", TWO_TASKS, {}),
 ])
 def test_preemption_checkpoints_requeues_and_resumes(slurm, tmp_path, script, options, extra):
     if not (ROOT / "megallama" / "checkpoint.py").exists():
