@@ -8,16 +8,11 @@ step, log.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 import resource
 import signal
 import socket
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
@@ -25,15 +20,15 @@ import torch.distributed as dist
 
 from megallama.config import Config, gradient_accumulation_steps
 from megallama.distributed import device, init_distributed
-from megallama.checkpoint import is_weights_only, latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from megallama.checkpoint import save_checkpoint
 from megallama.data.instruct import split_instruct_batch
 from megallama.engine import build_engine, guard_nonfinite_steps
 from megallama.energy import EnergyMeter, write_summary as write_energy_summary
 from megallama.faults import StepMonitor, TrainingHalted
-from megallama.finetune import init_weights_from
 from megallama.kernels import describe as describe_kernels
-from megallama.metrics import Progress, peak_flops_per_device
+from megallama.metrics import Progress, RunLog, Summary, peak_flops_per_device
 from megallama.model import canonical_name
+from megallama.restore import choose_start, restore
 from parallel.grad import global_grad_norm
 from parallel.topology import ParallelContext
 
@@ -138,22 +133,6 @@ def evaluate(engine, batches: Timed, cfg: Config, gas: int, ctx: ParallelContext
     return _dp_mean(total / (cfg.train.eval_iters * gas), ctx)
 
 
-@dataclass
-class Summary:
-    params: int
-    tokens: int
-    flops: float
-    steps: int
-    final_train_loss: float
-    final_valid_loss: Optional[float]
-    tokens_per_sec: float
-    mfu: float
-    data_wait_fraction: float
-    losses: list
-    grad_norms: list
-    bad_steps: int = 0  # non-finite steps skipped (no update applied)
-
-
 # ----------------------------------------------------------------------------- the loop
 
 def train(cfg: Config, data=None) -> Optional[Summary]:
@@ -189,27 +168,12 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
                                    ctx.dp_rank, ctx.dp_size), dev)
 
     params = canonical_parameters(engine, cfg)
-    start_step, start_consumed, ckpt = 0, 0, latest_checkpoint(t.run_dir)
-    if ckpt is not None and is_weights_only(read_meta(ckpt)):
-        # weights only (import-hf/import-meta, reshard --weights-only): initialise from them and
-        # train from step 0 with a fresh optimizer and data stream
-        load_checkpoint(engine, params, cfg, ctx, ckpt, load_optimizer=False)
-        if rank0:
-            print(f"initialised from the weights of {ckpt} (no optimizer state: starting at step 0)", flush=True)
-    elif ckpt is not None:
-        meta = load_checkpoint(engine, params, cfg, ctx, ckpt)
-        # the data position is the checkpoint's, not step * global batch: the batch size may change
-        start_step, start_consumed = meta["step"], meta["consumed_samples"]
-        if rank0:
-            print(f"resumed from {ckpt} (step {start_step}, {meta['consumed_samples']:,} samples consumed)",
-                  flush=True)
-    elif t.init_from:
-        init_weights_from(engine, params, cfg, ctx, getattr(data, "tokenizer", None), rank0)
+    tokenizer = getattr(data, "tokenizer", None)
+    start_step, start_consumed = restore(choose_start(cfg), engine, params, cfg, ctx, tokenizer, rank0)
     # created after loading: a refused checkpoint leaves the run directory exactly as it was
     monitor = StepMonitor(t.run_dir, dist.get_rank(), t.max_bad_steps, t.collective_timeout_s)
     monitor.faults.attach(engine.module, monitor)
     batches = stream(data.train, start_consumed)
-    tokenizer = getattr(data, "tokenizer", None)
 
     def save(step: int) -> None:
         if t.save_interval < 0:  # -1: a benchmark or smoke run that keeps no checkpoint
@@ -226,18 +190,11 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
                   "train.steps to continue it, or choose a new train.run_dir", flush=True)
         return None
     meter = EnergyMeter(str(dev)).start()
-    tokens_per_step = t.global_batch_size * t.seq_len
     flops_per_token = cfg.model.flops_per_token(t.seq_len)
-    progress = Progress(total_steps, tokens_per_step, flops_per_token, ctx.world_size,
+    progress = Progress(total_steps, t.global_batch_size * t.seq_len, flops_per_token, ctx.world_size,
                         peak_flops_per_device(cfg), enabled=rank0, log_interval=t.log_interval,
                         consumed_tokens=start_consumed * t.seq_len)
-    writer = _tensorboard(cfg, start_step) if rank0 and t.tensorboard else None
-
-    losses, grad_norms, valid_loss = [], [], None
-    wait_total, time_total = 0.0, 0.0
-    if rank0:
-        Path(t.run_dir).mkdir(parents=True, exist_ok=True)
-    log = _metrics_log(Path(t.run_dir) / "metrics.jsonl", start_step) if rank0 else None
+    log = RunLog(cfg, start_step, enabled=rank0)
     for step in range(start_step, total_steps):
         monitor.begin(step + 1)
         start, batches.wait = time.perf_counter(), 0.0
@@ -249,33 +206,20 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
             halted = None
         except TrainingHalted as exc:  # the step that halts the run is logged first, like every other
             halted = exc
-        losses.append(loss)
-        grad_norms.append(norm)
-        wait_total, time_total = wait_total + batches.wait, time_total + elapsed
-        stats = progress.update(step + 1, loss, elapsed, batches.wait, lr=lr, grad_norm=grad_norms[-1],
-                                memory=_memory_bytes())
-        if writer is not None:
-            for key, value in {**stats, **meter.tensorboard_scalars()}.items():
-                writer.add_scalar(key, value, step + 1)
-        if log is not None:
-            log.write(json.dumps(_json_safe({"step": step + 1, "loss": loss, "grad_norm": grad_norms[-1], "lr": lr}),
-                                 allow_nan=False) + "\n")
-            log.flush()
+        stats = progress.update(step + 1, loss, elapsed, batches.wait, lr=lr, grad_norm=norm, memory=_memory_bytes())
+        log.step(step + 1, loss, norm, lr, batches.wait, elapsed, {**stats, **meter.tensorboard_scalars()})
         if halted is not None:
-            if writer is not None:
-                writer.flush()
+            log.flush()
             raise halted
         if t.eval_interval and data.valid is not None and ((step + 1) % t.eval_interval == 0
                                                            or step + 1 == total_steps):
             valid_loss = evaluate(engine, stream(data.valid), cfg, gas, ctx, pipelined)
             progress.log_eval(step + 1, valid_loss)
-            if writer is not None:
-                writer.add_scalar("valid/loss", valid_loss, step + 1)
-                writer.add_scalar("valid/perplexity", float(torch.tensor(valid_loss).exp()), step + 1)
+            log.valid(step + 1, valid_loss)
         if tasks and (step + 1) % t.task_eval_interval == 0:
             from megallama.eval.harness import evaluate_during_training
 
-            evaluate_during_training(engine.module, cfg.model, data.tokenizer, tasks, task_opts, writer, step + 1)
+            evaluate_during_training(engine.module, cfg.model, data.tokenizer, tasks, task_opts, log.writer, step + 1)
         if step + 1 < total_steps and stop.agreed():
             save(step + 1)
             if rank0:
@@ -292,23 +236,15 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
     # the run's whole count: the checkpoint's position plus this session's steps (the global batch may
     # have changed at a resume)
     tokens = (start_consumed + (total_steps - start_step) * t.global_batch_size) * t.seq_len
-    summary = Summary(params=cfg.model.num_parameters(), tokens=tokens,
-                      flops=float(tokens * flops_per_token), steps=total_steps,
-                      final_train_loss=losses[-1], final_valid_loss=valid_loss,
-                      tokens_per_sec=progress.mean_tokens_per_sec(), mfu=progress.mean_mfu(),
-                      data_wait_fraction=wait_total / max(time_total, 1e-9), losses=losses,
-                      grad_norms=grad_norms, bad_steps=monitor.bad_steps)
+    summary = log.summary(tokens, total_steps, progress, monitor.bad_steps)
     hosts = None
     if dev.type == "cpu":  # the CPU meter reads the whole host, shared by its ranks: count the hosts
         names = [None] * ctx.world_size
         dist.all_gather_object(names, socket.gethostname())
         hosts = len(set(names))
     if rank0:
-        _write_summary(cfg, summary)
+        log.finish(summary)
         write_energy_summary(t.run_dir, meter, world_size=ctx.world_size, hosts=hosts)
-        log.close()
-        if writer is not None:
-            writer.close()
     return summary
 
 
@@ -330,58 +266,3 @@ def _memory_bytes() -> int:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _tensorboard(cfg: Config, start_step: int):
-    from torch.utils.tensorboard import SummaryWriter
-
-    # a resume replays the steps after its checkpoint: hide the earlier session's events from then on
-    return SummaryWriter(log_dir=str(Path(cfg.train.run_dir) / "tensorboard"), purge_step=start_step + 1)
-
-
-def _metrics_log(path: Path, start_step: int):
-    """``metrics.jsonl`` opened for appending, without the lines of steps after ``start_step``: a
-    resume replays them, and each step keeps one line (a torn last line of a killed run goes too)."""
-    if path.is_file():
-        text, kept = path.read_text(), []
-        lines = text.splitlines()
-        for line in lines:
-            try:
-                if json.loads(line)["step"] <= start_step:
-                    kept.append(line + "\n")
-            except (ValueError, KeyError, TypeError):
-                continue
-        if len(kept) == len(lines) and text.endswith("\n"):
-            return open(path, "a")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
-    return open(path, "a")
-
-
-def _json_safe(x):
-    """``x`` with every non-finite float (the loss of a skipped step) as None: strict JSON (``null``),
-    which jq and other parsers read, where ``NaN``/``Infinity`` are not JSON."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
-def _write_summary(cfg: Config, summary: Summary) -> None:
-    run_dir = Path(cfg.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    out = _json_safe(dict(summary.__dict__))
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, run_dir / "summary.json")
-    (run_dir / "config.yaml").write_text(_yaml(cfg))
-
-
-def _yaml(cfg: Config) -> str:
-    import yaml
-
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
