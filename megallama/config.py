@@ -26,6 +26,11 @@ from megallama.data.config import DataConfig
 from megallama.errors import ConfigError
 
 
+# the values of parallel.pipeline_partition and train.activation_checkpointing (the planner offers the same)
+PIPELINE_PARTITIONS = ("parameters", "flops", "uniform")
+ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
+
+
 def round_up(x: int, multiple: int) -> int:
     return multiple * math.ceil(x / multiple)
 
@@ -421,7 +426,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         need(p.zero_stage <= 1,
              f"parallel.zero_stage={p.zero_stage} is not supported with pipeline parallelism (pp={p.pp}); "
              "use zero_stage 0 or 1")
-    need(p.pipeline_partition in ("parameters", "flops", "uniform"),
+    need(p.pipeline_partition in PIPELINE_PARTITIONS,
          f"parallel.pipeline_partition must be 'parameters', 'flops' or 'uniform', got '{p.pipeline_partition}'")
     if p.dp and p.tp * p.pp * p.dp != world_size:
         raise ConfigError(
@@ -446,7 +451,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     need(not (t.precision == "bf16" and p.zero_stage == 0),
          "train.precision=bf16 needs parallel.zero_stage >= 1 on DeepSpeed (its bf16 optimizer); "
          "use zero_stage 1 or precision fp32")
-    need(t.activation_checkpointing in ("none", "selective", "full"),
+    need(t.activation_checkpointing in ACTIVATION_CHECKPOINTING,
          f"train.activation_checkpointing must be none, selective or full, got '{t.activation_checkpointing}'")
     need(not (t.compile and p.tp > 1),
          "train.compile=true needs parallel.tp=1 (the tensor-parallel communication regions, with their "
