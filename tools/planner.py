@@ -24,13 +24,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
-from megallama.config import Config, ModelConfig, load_config, validate
+from megallama.config import ACTIVATION_CHECKPOINTING, Config, ModelConfig, load_config, validate
 from megallama.errors import ConfigError, UserError
 from megallama.hardware import GiB, GpuSpec
 from tools.carbon import estimate as carbon_estimate
 
 RESERVED_BYTES = 2 * GiB  # CUDA context, NCCL buffers, allocator slack
-CHECKPOINTING = ("none", "selective", "full")
 
 # Bytes per parameter of the model states, by precision (mixed precision keeps an
 # fp32 master copy, fp32 gradients for accumulation and Adam's two fp32 moments).
@@ -329,8 +328,8 @@ def check_layout(cfg: Config, lay: Layout, gpus_flag: str = "--gpus") -> None:
     ``gpus_flag`` is the flag that set ``lay.gpus`` (``--calibrate-gpus`` for a measured run)."""
     if lay.gpus < 1:
         raise ConfigError(f"{gpus_flag} must be >= 1, got {lay.gpus}")
-    if lay.checkpointing not in CHECKPOINTING:
-        raise ConfigError(f"--checkpointing must be one of {', '.join(CHECKPOINTING)}, got '{lay.checkpointing}'")
+    if lay.checkpointing not in ACTIVATION_CHECKPOINTING:
+        raise ConfigError(f"--checkpointing must be one of {', '.join(ACTIVATION_CHECKPOINTING)}, got '{lay.checkpointing}'")
     for flag, value in (("--tp", lay.tp), ("--pp", lay.pp)):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
@@ -418,7 +417,7 @@ def _candidates(m: ModelConfig, gpus: int, gpu: GpuSpec, base: Layout, keep_none
                 continue
             for zero in ((0, 1) if pp > 1 else (0, 1, 2, 3)):
                 for mb in (1, 2, 4, 8):
-                    for ckpt in CHECKPOINTING:
+                    for ckpt in ACTIVATION_CHECKPOINTING:
                         if ckpt == "none" and base.flash_attention and not keep_none:
                             continue  # selective: the same time here, fewer bytes kept
                         yield replace(base, tp=tp, pp=pp, zero_stage=zero, micro_batch=mb, checkpointing=ckpt,

@@ -8,7 +8,8 @@ import math
 from megallama.config import Config, load_config
 from megallama.errors import UserError
 from megallama.hardware import gpu_spec, load_gpu_specs
-from tools.planner import CHECKPOINTING, Estimate, Layout, calibrated_efficiency, check_layout, measured_run, plan, search
+from megallama.config import ACTIVATION_CHECKPOINTING
+from tools.planner import Estimate, Layout, calibrated_efficiency, check_layout, measured_run, plan, search
 
 
 def add_arguments(p):
@@ -23,7 +24,7 @@ def add_arguments(p):
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch")
     p.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length")
-    p.add_argument("--checkpointing", default=None, choices=CHECKPOINTING, help="activation recomputation")
+    p.add_argument("--checkpointing", default=None, choices=ACTIVATION_CHECKPOINTING, help="activation recomputation")
     p.add_argument("--no-sequence-parallel", action="store_true", help="replicate norm/dropout activations over tp")
     p.add_argument("--eager-attention", action="store_true",
                    help="attention stores its s x s probabilities (default: memory-efficient attention)")
