@@ -168,60 +168,149 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_file(ckpt: Path, name: str, meta: dict) -> Path:
+# bytes of tensor data read from and written to checkpoint files by this process (benchmarks/checkpoint_io.py)
+IO_BYTES = {"read": 0, "written": 0, "verified": 0}
+
+
+def verify_file(ckpt: Path, name: str, meta: dict, hash: bool = True) -> Path:
+    """``ckpt/name`` after checking its size (and, with ``hash``, its sha256) against ``meta``."""
     path = ckpt / name
     info = meta["files"].get(name)
     if info is None or not path.is_file():
         raise CheckpointError(f"checkpoint file '{path}' is missing; the checkpoint is incomplete, "
                               "resume from an earlier one")
-    if path.stat().st_size != info["bytes"] or _sha256(path) != info["sha256"]:
+    if path.stat().st_size != info["bytes"] or (hash and _sha256(path) != info["sha256"]):
         raise CheckpointError(f"checkpoint file '{path}' is truncated or corrupt (size/sha256 mismatch); "
                               "restore it or resume from an earlier checkpoint")
+    if hash:
+        IO_BYTES["verified"] += info["bytes"]
     return path
 
 
+def rank_ranges(size: int, chunks: Optional[tuple], rank: int, tp: int) -> list[tuple[int, int]]:
+    """The index ranges of a full tensor's shard dim (``size`` rows) that TP ``rank`` holds, in its
+    local order (:func:`parallel.init.shard`: each logical chunk split evenly, concatenated)."""
+    out, offset = [], 0
+    for c in (chunks or (size,)):
+        if c % tp:
+            raise ValueError(f"cannot split {c} rows into {tp} equal shards")
+        out.append((offset + rank * (c // tp), offset + (rank + 1) * (c // tp)))
+        offset += c
+    return out
+
+
 class CheckpointReader:
-    """Full (unsharded) fp32 tensors of a checkpoint, read lazily, whatever its layout."""
+    """Full (unsharded) fp32 tensors of a checkpoint, or any slice of them, read lazily from only the
+    files (and, through safetensors' slices, only the bytes) that hold them, whatever its layout.
 
-    def __init__(self, ckpt: str | Path, verify: bool = True):
-        from safetensors import safe_open
+    A file is checked against ``meta.json`` when first opened: size and sha256 with ``verify=True``
+    (each process hashes only the files it opens), size only with ``verify="size"``."""
 
+    def __init__(self, ckpt: str | Path, verify: bool | str = True):
         self.path = resolve(ckpt)
         self.meta = read_meta(self.path)
         self.config = config_from_dict(self.meta["config"])
         layout = self.meta["layout"]
         self.tp, self.pp = layout["tp"], layout["pp"]
         self.specs = shard_specs(self.config.model, self.tp)
+        self.verify = verify
         self._files = {}
-        for kind in ("model", "optim"):
-            for t in range(self.tp):
-                for s in range(self.pp):
-                    name = shard_file(kind, t, s)
-                    if kind == "optim" and name not in self.meta["files"]:
-                        continue  # weights-only checkpoint
-                    path = verify_file(self.path, name, self.meta) if verify else self.path / name
-                    self._files[(kind, t, s)] = safe_open(str(path), framework="pt")
         self.stage_of = self.meta["stage_of"]
+        missing = sorted(set(self.specs) - set(self.stage_of))
+        if missing:
+            raise CheckpointError(f"checkpoint '{self.path}' meta.json does not place tensor '{missing[0]}' "
+                                  "in any file; it is incomplete or of another model")
+        for t in range(self.tp):  # every file exists with the size meta.json records: cheap, no hashing
+            for s in range(self.pp):
+                for kind in ("model", "optim"):
+                    if kind == "model" or self.has_optimizer:
+                        verify_file(self.path, shard_file(kind, t, s), self.meta, hash=False)
 
     @property
     def has_optimizer(self) -> bool:
-        return ("optim", 0, 0) in self._files
+        return not is_weights_only(self.meta)
+
+    def _open(self, kind: str, t: int, s: int):
+        from safetensors import safe_open
+
+        key = (kind, t, s)
+        if key not in self._files:
+            name = shard_file(kind, t, s)
+            path = verify_file(self.path, name, self.meta, hash=self.verify is True) if self.verify \
+                else self.path / name
+            try:
+                self._files[key] = safe_open(str(path), framework="pt")
+            except Exception as exc:  # a damaged header
+                raise CheckpointError(f"checkpoint file '{path}' is truncated or corrupt ({exc}); "
+                                      "restore it or resume from an earlier checkpoint") from None
+        return self._files[key]
 
     def names(self) -> list[str]:
         return list(self.specs)
+
+    def _get(self, kind: str, t: int, stage: int, tensor: str, index: tuple = ()) -> torch.Tensor:
+        try:
+            handle = self._open(kind, t, stage)
+            out = handle.get_slice(tensor)[index] if index else handle.get_tensor(tensor)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"checkpoint '{self.path}' lacks tensor '{tensor}' in "
+                                  f"{shard_file(kind, t, stage)} ({exc}); it is incomplete or of another model") \
+                from None
+        IO_BYTES["read"] += out.numel() * out.element_size()
+        return out
 
     def full(self, name: str, key: Optional[str] = None) -> torch.Tensor:
         """Full tensor of parameter ``name`` (or of its optimizer moment ``key``)."""
         kind, tensor = ("model", name) if key is None else ("optim", f"{name}/{key}")
         stage, spec = self.stage_of[name], self.specs[name]
-        try:
-            if spec.dim is None:
-                return self._files[(kind, 0, stage)].get_tensor(tensor)
-            shards = [self._files[(kind, t, stage)].get_tensor(tensor) for t in range(self.tp)]
-        except (KeyError, Exception) as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"checkpoint '{self.path}' lacks tensor '{tensor}' ({exc}); "
-                                  "it is incomplete or of another model") from None
-        return unshard(shards, spec.dim, spec.chunks)
+        if spec.dim is None:
+            return self._get(kind, 0, stage, tensor)
+        return unshard([self._get(kind, t, stage, tensor) for t in range(self.tp)], spec.dim, spec.chunks)
+
+    def read(self, name: str, key: Optional[str] = None, dim: int = 0, start: int = 0,
+             stop: Optional[int] = None) -> torch.Tensor:
+        """Rows ``start:stop`` along ``dim`` of the full tensor ``name`` (or of its moment ``key``),
+        reading only those bytes.  Rows past the end (vocabulary padding of another TP size) are zeros."""
+        kind, tensor = ("model", name) if key is None else ("optim", f"{name}/{key}")
+        stage, spec = self.stage_of[name], self.specs[name]
+        size = spec.shape[dim]
+        stop = size if stop is None else stop
+        have = min(stop, size)
+
+        def index(a, b):
+            return tuple(slice(None) for _ in range(dim)) + (slice(a, b),)
+
+        if spec.dim is None:
+            pieces = [self._get(kind, 0, stage, tensor, index(start, have))] if have > start else []
+        elif spec.dim != dim:
+            pieces = [unshard([self._get(kind, t, stage, tensor, index(start, have)) for t in range(self.tp)],
+                              spec.dim, spec.chunks)] if have > start else []
+        else:
+            found = []
+            for t in range(self.tp):
+                local = 0
+                for a, b in rank_ranges(size, spec.chunks, t, self.tp):
+                    lo, hi = max(a, start), min(b, have)
+                    if lo < hi:
+                        found.append((lo, self._get(kind, t, stage, tensor, index(local + lo - a, local + hi - a))))
+                    local += b - a
+            pieces = [x for _, x in sorted(found, key=lambda f: f[0])]
+        if stop > max(size, start):  # rows this checkpoint does not have: zero padding
+            shape = list(spec.shape)
+            shape[dim] = stop - max(size, start)
+            pieces.append(torch.zeros(shape, dtype=torch.float32))
+        return torch.cat(pieces, dim) if len(pieces) > 1 else pieces[0]
+
+    def read_shard(self, name: str, key: Optional[str], spec: ShardSpec, rank: int, tp: int) -> torch.Tensor:
+        """TP ``rank``'s shard (at ``tp``, shaped by ``spec``) of ``name``: what
+        ``reshard_tensor(self.full(name, key), spec, rank, tp)`` gives, reading only its bytes."""
+        if spec.dim is None:
+            return self.full(name, key)
+        parts = [self.read(name, key, spec.dim, a, b) for a, b in rank_ranges(spec.shape[spec.dim], spec.chunks,
+                                                                               rank, tp)]
+        return torch.cat(parts, spec.dim) if len(parts) > 1 else parts[0]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: self.full(n) for n in self.names()}
@@ -417,6 +506,7 @@ def _save_tensors(tensors: dict, path: Path) -> dict:
 
     data = save({k: v.contiguous() for k, v in tensors.items()})
     _fsync_write(path, data)
+    IO_BYTES["written"] += len(data)
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -550,11 +640,10 @@ def load_checkpoint(engine, named_params: Iterable, cfg: Config, ctx: ParallelCo
                               "--init-from instead of resuming")
     init_optimizer_state(engine)
     for name, p in named_params:
-        set_master(engine, p, reshard_tensor(reader.full(name), specs[name], ctx.tp_rank, ctx.tp_size))
+        set_master(engine, p, reader.read_shard(name, None, specs[name], ctx.tp_rank, ctx.tp_size))
         if load_optimizer:
             for key in MOMENTS:
-                set_moment(engine, p, key, reshard_tensor(reader.full(name, key), specs[name], ctx.tp_rank,
-                                                          ctx.tp_size))
+                set_moment(engine, p, key, reader.read_shard(name, key, specs[name], ctx.tp_rank, ctx.tp_size))
     _refresh_low_precision(engine)
     if load_optimizer:
         step = reader.meta["step"]

@@ -1,0 +1,71 @@
+"""Checkpoint I/O: slice reads (each rank reads only the bytes of its shard, any layout -> any layout),
+integrity errors that name the file or tensor, and the byte counters the benchmark reports."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from megallama import checkpoint as C
+from megallama.config import preset_config
+from megallama.errors import CheckpointError
+
+
+def _cfg(tp, pp):
+    cfg = preset_config("tiny")
+    return replace(cfg, parallel=replace(cfg.parallel, tp=tp, pp=pp))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tp=2 x pp=2 checkpoint of the tiny model with random weights and moments."""
+    cfg = _cfg(2, 2)
+    g = torch.Generator().manual_seed(0)
+    specs = C.shard_specs(cfg.model, 1)
+    weights = {n: torch.randn(s.shape, generator=g) for n, s in specs.items()}
+    moments = {f"{n}/{k}": torch.randn(s.shape, generator=g) for n, s in specs.items() for k in C.MOMENTS}
+    out = C.write_checkpoint(tmp_path_factory.mktemp("io") / "ck", cfg, weights, moments)
+    return out, weights, moments
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_slice_reads_equal_the_shards_of_the_full_tensor_and_read_only_their_bytes(ckpt, tp):
+    path, weights, moments = ckpt
+    reader = C.CheckpointReader(path)
+    specs = C.shard_specs(reader.config.model, tp)
+    for rank in range(tp):
+        for name in reader.names():
+            for key in (None, *C.MOMENTS):
+                want = C.reshard_tensor(reader.full(name, key), specs[name], rank, tp)
+                before = C.IO_BYTES["read"]
+                got = reader.read_shard(name, key, specs[name], rank, tp)
+                read = C.IO_BYTES["read"] - before
+                assert torch.equal(got, want), (name, key, rank, tp)
+                # only the rows it holds (padded vocabulary rows are zeros, not read)
+                assert read <= got.numel() * 4, (name, key, read, got.numel() * 4)
+    # rows of one moment along a non-shard dim
+    name = "layers.0.attention.wo.weight"
+    full = reader.full(name, "exp_avg")
+    assert torch.equal(reader.read(name, "exp_avg", 0, 3, 7), full[3:7])
+
+
+def test_missing_truncated_or_uncovered_is_a_one_line_error_naming_it(ckpt, tmp_path):
+    import json
+    import shutil
+
+    path = tmp_path / "ck"
+    shutil.copytree(ckpt[0], path)
+    victim = path / C.shard_file("optim", 1, 1)
+    victim.write_bytes(victim.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="optim_tp01_pp01.safetensors' is truncated"):
+        C.CheckpointReader(path)
+    victim.unlink()
+    with pytest.raises(CheckpointError, match="optim_tp01_pp01.safetensors' is missing"):
+        C.CheckpointReader(path)
+    shutil.copy(ckpt[0] / victim.name, victim)
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["stage_of"]["norm.weight"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="does not place tensor 'norm.weight'") as err:
+        C.CheckpointReader(path)
+    assert "\n" not in str(err.value)
