@@ -43,6 +43,17 @@ def test_slice_reads_equal_the_shards_of_the_full_tensor_and_read_only_their_byt
                 assert torch.equal(got, want), (name, key, rank, tp)
                 # only the rows it holds (padded vocabulary rows are zeros, not read)
                 assert read <= got.numel() * 4, (name, key, read, got.numel() * 4)
+    # a ZeRO partition's flat range of a rank's shard: only the rows that contain it are read
+    g = torch.Generator().manual_seed(tp)
+    for name in reader.names():
+        want = C.reshard_tensor(reader.full(name, "exp_avg"), specs[name], tp - 1, tp).reshape(-1)
+        start = int(torch.randint(0, want.numel() - 1, (1,), generator=g))
+        numel = int(torch.randint(1, want.numel() - start + 1, (1,), generator=g))
+        row = want.numel() // C.reshard_tensor(reader.full(name), specs[name], 0, tp).shape[0]
+        before = C.IO_BYTES["read"]
+        got = reader.read_flat(name, "exp_avg", specs[name], tp - 1, tp, start, numel)
+        assert torch.equal(got, want[start:start + numel]), name
+        assert C.IO_BYTES["read"] - before <= (numel + 2 * row) * 4, name
     # rows of one moment along a non-shard dim
     name = "layers.0.attention.wo.weight"
     full = reader.full(name, "exp_avg")
@@ -55,17 +66,54 @@ def test_missing_truncated_or_uncovered_is_a_one_line_error_naming_it(ckpt, tmp_
 
     path = tmp_path / "ck"
     shutil.copytree(ckpt[0], path)
-    victim = path / C.shard_file("optim", 1, 1)
+    victim = path / C.part_file("optim", 1, 1, 0)
     victim.write_bytes(victim.read_bytes()[:-10])
-    with pytest.raises(CheckpointError, match="optim_tp01_pp01.safetensors' is truncated"):
+    with pytest.raises(CheckpointError, match="optim_tp01_pp01_dp000.safetensors' is truncated"):
         C.CheckpointReader(path)
     victim.unlink()
-    with pytest.raises(CheckpointError, match="optim_tp01_pp01.safetensors' is missing"):
+    with pytest.raises(CheckpointError, match="optim_tp01_pp01_dp000.safetensors' is missing"):
         C.CheckpointReader(path)
     shutil.copy(ckpt[0] / victim.name, victim)
-    meta = json.loads((path / "meta.json").read_text())
+    good = json.loads((path / "meta.json").read_text())
+    meta = json.loads(json.dumps(good))
     del meta["stage_of"]["norm.weight"]
     (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="does not place tensor 'norm.weight'") as err:
         C.CheckpointReader(path)
     assert "\n" not in str(err.value)
+    meta = json.loads(json.dumps(good))
+    tensor = sorted(meta["parts"][victim.name])[0]
+    start, numel = meta["parts"][victim.name][tensor]
+    meta["parts"][victim.name][tensor] = [start, numel - 1]
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=f"does not cover tensor '{tensor}' \\(tp 1\\)"):
+        C.CheckpointReader(path)
+
+
+def test_reads_version_1_checkpoints(ckpt, tmp_path):
+    """Version 1: one unflattened file per (TP, PP) shard, written by DP rank 0 (built here by hand)."""
+    import hashlib
+    import json
+
+    from safetensors.torch import save_file
+
+    src = C.CheckpointReader(ckpt[0])
+    meta = dict(src.meta, version=1, files={})
+    meta.pop("parts")
+    out = tmp_path / "v1"
+    out.mkdir()
+    for t in range(src.tp):
+        for s in range(src.pp):
+            for kind, keys in (("model", [None]), ("optim", list(C.MOMENTS))):
+                tensors = {(n if k is None else f"{n}/{k}"): C.reshard_tensor(src.full(n, k), src.specs[n], t, src.tp)
+                           for n in src.names() if src.stage_of[n] == s for k in keys}
+                save_file(tensors, out / C.shard_file(kind, t, s))
+                data = (out / C.shard_file(kind, t, s)).read_bytes()
+                meta["files"][C.shard_file(kind, t, s)] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (out / "meta.json").write_text(json.dumps(meta))
+    old = C.CheckpointReader(out)
+    specs = C.shard_specs(src.config.model, 4)
+    for n in src.names():
+        for k in (None, *C.MOMENTS):
+            assert torch.equal(old.full(n, k), src.full(n, k))
+            assert torch.equal(old.read_shard(n, k, specs[n], 3, 4), src.read_shard(n, k, specs[n], 3, 4))
