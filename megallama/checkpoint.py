@@ -176,6 +176,8 @@ def _sha256(path: Path) -> str:
 
 # bytes of tensor data read from and written to checkpoint files by this process (benchmarks/checkpoint_io.py)
 IO_BYTES = {"read": 0, "written": 0, "verified": 0}
+# per save of this process: {"asynchronous", "stall_s" (the training thread), "write_s" (writing + commit)}
+SAVE_TIMES: list[dict] = []
 
 
 def verify_file(ckpt: Path, name: str, meta: dict, hash: bool = True) -> Path:
@@ -661,9 +663,12 @@ def save_checkpoint(engine, named_params: Iterable, cfg: Config, ctx: ParallelCo
     ``tokenizer`` (a :class:`~megallama.data.tokenizer.Tokenizer` with ``.path``/``.fingerprint``,
     or None) is copied in, so a checkpoint is self-contained for evaluation and export."""
     global _PENDING
+    import time
+
     from megallama.engine import local_part
 
     wait_for_save()  # a second save waits for the first
+    began = time.perf_counter()
     root = Path(cfg.train.run_dir) / "checkpoints"
     final, tmp = root / step_name(step), root / (step_name(step) + ".tmp")
     rank0 = dist.get_rank() == 0
@@ -700,9 +705,12 @@ def save_checkpoint(engine, named_params: Iterable, cfg: Config, ctx: ParallelCo
             "optimizer_lrs": [g["lr"] for g in base_opt.param_groups],
             "config": cfg.to_dict(), "stage_of": {n: stage for names, stage in stages for n in names},
         }
-    args = (ctx, tmp, final, root, weights, moments, held, rng, meta, tokenizer, cfg.train.keep_last, step)
+    times = {"asynchronous": asynchronous}
+    SAVE_TIMES.append(times)
+    args = (ctx, tmp, final, root, weights, moments, held, rng, meta, tokenizer, cfg.train.keep_last, step, times)
     if asynchronous:
         _PENDING = PendingSave(final, _write_and_commit, args)
+        times["stall_s"] = time.perf_counter() - began
         return final
     error = None
     try:
@@ -712,17 +720,20 @@ def save_checkpoint(engine, named_params: Iterable, cfg: Config, ctx: ParallelCo
     errors = [e for e in _gather_objects(error, ctx) if e]  # every rank returns after the commit
     if errors:
         raise CheckpointError(errors[0])
+    times["stall_s"] = time.perf_counter() - began
     return final
 
 
 def _write_and_commit(ctx: ParallelContext, tmp: Path, final: Path, root: Path, weights: dict, moments: dict,
-                      held: dict, rng: bytes, meta: Optional[dict], tokenizer, keep_last: int, step: int) -> None:
+                      held: dict, rng: bytes, meta: Optional[dict], tokenizer, keep_last: int, step: int,
+                      times: Optional[dict] = None) -> None:
     """Write this rank's files and its ``done`` marker; rank 0 then waits for every marker and commits.
 
     No collective here (it may run on a background thread while training runs collectives): ranks meet
     through the marker files, and the other ranks return once their own files are durable."""
     import time
 
+    began = time.perf_counter()
     files, parts, error = {}, {}, None
     try:
         if weights:
@@ -771,6 +782,8 @@ def _write_and_commit(ctx: ParallelContext, tmp: Path, final: Path, root: Path, 
     os.replace(pointer, root / "latest")
     _fsync_dir(root)
     _prune(root, keep_last, keep=final.name)
+    if times is not None:
+        times["write_s"] = time.perf_counter() - began
 
 
 def _fault_point(name: str, step: int) -> None:
