@@ -727,10 +727,11 @@ def save_checkpoint(engine, named_params: Iterable, cfg: Config, ctx: ParallelCo
 def _write_and_commit(ctx: ParallelContext, tmp: Path, final: Path, root: Path, weights: dict, moments: dict,
                       held: dict, rng: bytes, meta: Optional[dict], tokenizer, keep_last: int, step: int,
                       times: Optional[dict] = None) -> None:
-    """Write this rank's files and its ``done`` marker; rank 0 then waits for every marker and commits.
+    """Write this rank's files; rank 0 then commits once every rank reported its files (or an error).
 
-    No collective here (it may run on a background thread while training runs collectives): ranks meet
-    through the marker files, and the other ranks return once their own files are durable."""
+    Synchronous saves report with an all-gather.  Asynchronous ones run on a background thread while
+    training runs collectives, so none runs here: each rank writes a ``done/rankN.json`` marker and
+    rank 0 waits for all of them; the other ranks return once their own files are durable."""
     import time
 
     began = time.perf_counter()
@@ -746,26 +747,31 @@ def _write_and_commit(ctx: ParallelContext, tmp: Path, final: Path, root: Path, 
         files[name] = {"bytes": len(rng), "sha256": hashlib.sha256(rng).hexdigest()}
     except OSError as exc:
         error = f"rank {ctx.rank}: {exc}"
-    marker = tmp / "done" / f"rank{ctx.rank:05d}.json"
-    _fsync_write(marker.with_suffix(".tmp"), json.dumps({"files": files, "parts": parts, "error": error}).encode())
-    os.replace(marker.with_suffix(".tmp"), marker)
-    if ctx.rank != 0:
+    mine = {"files": files, "parts": parts, "error": error}
+    if times is not None and not times["asynchronous"]:  # on the training thread: an all-gather
+        reports = _gather_objects(mine, ctx)
+    else:
+        marker = tmp / "done" / f"rank{ctx.rank:05d}.json"
+        _fsync_write(marker.with_suffix(".tmp"), json.dumps(mine).encode())
+        os.replace(marker.with_suffix(".tmp"), marker)
+        reports = []
+        if ctx.rank == 0:
+            done = tmp / "done"
+            while len(list(done.glob("rank*.json"))) < ctx.world_size:
+                time.sleep(0.01)
+            reports = [json.loads(path.read_text()) for path in sorted(done.glob("rank*.json"))]
+    error = next((r["error"] for r in reports if r["error"]), error)
+    if ctx.rank != 0 or error:
+        if ctx.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         if error:
             raise CheckpointError(f"saving checkpoint {final} failed ({error}); the previous checkpoint is kept")
         return
-    done = tmp / "done"
-    while len(list(done.glob("rank*.json"))) < ctx.world_size:
-        time.sleep(0.01)
     all_files, all_parts = {}, {}
-    for path in sorted(done.glob("rank*.json")):
-        got = json.loads(path.read_text())
-        error = error or got["error"]
+    for got in reports:
         all_files.update(got["files"])
         all_parts.update(got["parts"])
-    if error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"saving checkpoint {final} failed ({error}); the previous checkpoint is kept")
-    shutil.rmtree(done)
+    shutil.rmtree(tmp / "done", ignore_errors=True)
     if tokenizer is not None and getattr(tokenizer, "path", None):
         data = Path(tokenizer.path).read_bytes()
         _fsync_write(tmp / TOKENIZER_FILE, data)
