@@ -4,18 +4,20 @@ Layout of a run directory::
 
     RUN_DIR/checkpoints/latest                  text: the name of the newest complete checkpoint
     RUN_DIR/checkpoints/step_00000100/
-        model_tp00_pp00.safetensors             fp32 master weights of TP rank 0, stage 0 (canonical names)
-        optim_tp00_pp00.safetensors             Adam moments: "<name>/exp_avg", "<name>/exp_avg_sq"
+        model_tp00_pp00_dp000.safetensors       fp32 masters: the flat ranges of TP rank 0, stage 0's
+                                                parameters that DP rank 0's ZeRO partition holds
+        optim_tp00_pp00_dp000.safetensors       Adam moments: "<name>/exp_avg", "<name>/exp_avg_sq"
         rng/rank00000.json                      per-rank RNG states (torch, numpy, python)
         tokenizer.model                         the run's SentencePiece model (when it has one)
         meta.json                               written last: config, layout, step, data position,
-                                                tokenizer fingerprint, version, file sizes and sha256
+                                                tokenizer fingerprint, version, file sizes and sha256,
+                                                and "parts" (file -> tensor -> [flat start, numel])
 
-Each (TP, PP) shard is written once, by its data-parallel rank 0, *unpartitioned*
-over ZeRO (DeepSpeed's ``safe_get_full_*`` gather it), so a checkpoint does not
-depend on the data-parallel size or ZeRO stage, and its tensor-parallel shards
-follow :mod:`parallel.init`'s shard specs: loading at another TP/PP/DP layout
-reshards on the fly, and ``megallama reshard`` does the same offline.
+Format version 2: every data-parallel rank writes its own ZeRO partition (no gather to one rank),
+so a checkpoint is still layout-independent -- any reader cuts any TP/PP/DP layout out of it with
+slice reads of only the bytes it needs (:meth:`CheckpointReader.read`).  Version 1 (one unflattened
+``model_tpXX_ppYY.safetensors`` per shard, written by DP rank 0) is still read.  Loading at another
+layout reshards on the fly, and ``megallama reshard`` does the same offline.
 
 Atomicity: every rank writes into ``step_N.tmp/``, files are fsynced, all ranks
 meet at a barrier, then rank 0 writes ``meta.json``, renames the directory to
