@@ -4,18 +4,20 @@ Layout of a run directory::
 
     RUN_DIR/checkpoints/latest                  text: the name of the newest complete checkpoint
     RUN_DIR/checkpoints/step_00000100/
-        model_tp00_pp00.safetensors             fp32 master weights of TP rank 0, stage 0 (canonical names)
-        optim_tp00_pp00.safetensors             Adam moments: "<name>/exp_avg", "<name>/exp_avg_sq"
+        model_tp00_pp00_dp000.safetensors       fp32 masters: the flat ranges of TP rank 0, stage 0's
+                                                parameters that DP rank 0's ZeRO partition holds
+        optim_tp00_pp00_dp000.safetensors       Adam moments: "<name>/exp_avg", "<name>/exp_avg_sq"
         rng/rank00000.json                      per-rank RNG states (torch, numpy, python)
         tokenizer.model                         the run's SentencePiece model (when it has one)
         meta.json                               written last: config, layout, step, data position,
-                                                tokenizer fingerprint, version, file sizes and sha256
+                                                tokenizer fingerprint, version, file sizes and sha256,
+                                                and "parts" (file -> tensor -> [flat start, numel])
 
-Each (TP, PP) shard is written once, by its data-parallel rank 0, *unpartitioned*
-over ZeRO (DeepSpeed's ``safe_get_full_*`` gather it), so a checkpoint does not
-depend on the data-parallel size or ZeRO stage, and its tensor-parallel shards
-follow :mod:`parallel.init`'s shard specs: loading at another TP/PP/DP layout
-reshards on the fly, and ``megallama reshard`` does the same offline.
+Format version 2: every data-parallel rank writes its own ZeRO partition (no gather to one rank),
+so a checkpoint is still layout-independent -- any reader cuts any TP/PP/DP layout out of it with
+slice reads of only the bytes it needs (:meth:`CheckpointReader.read`).  Version 1 (one unflattened
+``model_tpXX_ppYY.safetensors`` per shard, written by DP rank 0) is still read.  Loading at another
+layout reshards on the fly, and ``megallama reshard`` does the same offline.
 
 Atomicity: every rank writes into ``step_N.tmp/``, files are fsynced, all ranks
 meet at a barrier, then rank 0 writes ``meta.json``, renames the directory to
@@ -47,7 +49,7 @@ from megallama.errors import CheckpointError
 from parallel.init import is_sharded, shard, unshard
 from parallel.topology import ParallelContext, Topology
 
-FORMAT, VERSION = "megallama-checkpoint", 1
+FORMAT, VERSION = "megallama-checkpoint", 2
 TOKENIZER_FILE = "tokenizer.model"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -57,7 +59,13 @@ def step_name(step: int) -> str:
 
 
 def shard_file(kind: str, tp: int, pp: int) -> str:
+    """Version 1's file of one whole (TP, PP) shard (still read)."""
     return f"{kind}_tp{tp:02d}_pp{pp:02d}.safetensors"
+
+
+def part_file(kind: str, tp: int, pp: int, dp: int) -> str:
+    """Version 2: the part of the (TP, PP) shard that data-parallel rank ``dp`` wrote."""
+    return f"{kind}_tp{tp:02d}_pp{pp:02d}_dp{dp:03d}.safetensors"
 
 
 # ----------------------------------------------------------------------------- shard specs
@@ -145,7 +153,7 @@ def read_meta(ckpt: str | Path) -> dict:
 
 def is_weights_only(meta: dict) -> bool:
     """A checkpoint without optimizer state (imported, or resharded with ``--weights-only``)."""
-    return shard_file("optim", 0, 0) not in meta["files"]
+    return not any(f.startswith("optim_") for f in meta["files"])
 
 
 def resolve(path: str | Path) -> Path:
@@ -168,60 +176,241 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_file(ckpt: Path, name: str, meta: dict) -> Path:
+# bytes of tensor data read from and written to checkpoint files by this process (benchmarks/checkpoint_io.py)
+IO_BYTES = {"read": 0, "written": 0, "verified": 0}
+# per save of this process: {"asynchronous", "stall_s" (the training thread), "write_s" (writing + commit)}
+SAVE_TIMES: list[dict] = []
+
+
+def verify_file(ckpt: Path, name: str, meta: dict, hash: bool = True) -> Path:
+    """``ckpt/name`` after checking its size (and, with ``hash``, its sha256) against ``meta``."""
     path = ckpt / name
     info = meta["files"].get(name)
     if info is None or not path.is_file():
         raise CheckpointError(f"checkpoint file '{path}' is missing; the checkpoint is incomplete, "
                               "resume from an earlier one")
-    if path.stat().st_size != info["bytes"] or _sha256(path) != info["sha256"]:
+    if path.stat().st_size != info["bytes"] or (hash and _sha256(path) != info["sha256"]):
         raise CheckpointError(f"checkpoint file '{path}' is truncated or corrupt (size/sha256 mismatch); "
                               "restore it or resume from an earlier checkpoint")
+    if hash:
+        IO_BYTES["verified"] += info["bytes"]
     return path
 
 
+def rank_ranges(size: int, chunks: Optional[tuple], rank: int, tp: int) -> list[tuple[int, int]]:
+    """The index ranges of a full tensor's shard dim (``size`` rows) that TP ``rank`` holds, in its
+    local order (:func:`parallel.init.shard`: each logical chunk split evenly, concatenated)."""
+    out, offset = [], 0
+    for c in (chunks or (size,)):
+        if c % tp:
+            raise ValueError(f"cannot split {c} rows into {tp} equal shards")
+        out.append((offset + rank * (c // tp), offset + (rank + 1) * (c // tp)))
+        offset += c
+    return out
+
+
 class CheckpointReader:
-    """Full (unsharded) fp32 tensors of a checkpoint, read lazily, whatever its layout."""
+    """Full (unsharded) fp32 tensors of a checkpoint, or any slice of them, read lazily from only the
+    files (and, through safetensors' slices, only the bytes) that hold them, whatever its layout.
 
-    def __init__(self, ckpt: str | Path, verify: bool = True):
-        from safetensors import safe_open
+    A file is checked against ``meta.json`` when first opened: size and sha256 with ``verify=True``
+    (each process hashes only the files it opens), size only with ``verify="size"``."""
 
+    def __init__(self, ckpt: str | Path, verify: bool | str = True):
         self.path = resolve(ckpt)
         self.meta = read_meta(self.path)
         self.config = config_from_dict(self.meta["config"])
         layout = self.meta["layout"]
         self.tp, self.pp = layout["tp"], layout["pp"]
         self.specs = shard_specs(self.config.model, self.tp)
+        self.verify = verify
         self._files = {}
-        for kind in ("model", "optim"):
-            for t in range(self.tp):
-                for s in range(self.pp):
-                    name = shard_file(kind, t, s)
-                    if kind == "optim" and name not in self.meta["files"]:
-                        continue  # weights-only checkpoint
-                    path = verify_file(self.path, name, self.meta) if verify else self.path / name
-                    self._files[(kind, t, s)] = safe_open(str(path), framework="pt")
         self.stage_of = self.meta["stage_of"]
+        missing = sorted(set(self.specs) - set(self.stage_of))
+        if missing:
+            raise CheckpointError(f"checkpoint '{self.path}' meta.json does not place tensor '{missing[0]}' "
+                                  "in any file; it is incomplete or of another model")
+        self._parts = None  # version 2: (kind, tp, tensor) -> [(flat start, numel, file)]
+        if self.meta.get("version", 1) >= 2:
+            self._parts = {}
+            for file, held in (self.meta.get("parts") or {}).items():
+                verify_file(self.path, file, self.meta, hash=False)
+                kind, t = file.split("_")[0], int(file.split("_tp")[1][:2])
+                for tensor, (start, numel) in held.items():
+                    self._parts.setdefault((kind, t, tensor), []).append((start, numel, file))
+            for name in self.specs:  # every element of every tensor is in exactly one part
+                for kind, tensor in [("model", name)] + ([("optim", f"{name}/{k}") for k in MOMENTS]
+                                                         if self.has_optimizer else []):
+                    for t in range(self.tp if self.specs[name].dim is not None else 1):
+                        parts = sorted(self._parts.get((kind, t, tensor), []))
+                        self._parts[(kind, t, tensor)] = parts
+                        end = 0
+                        for start, numel, _ in parts:
+                            if start != end:
+                                break
+                            end += numel
+                        if end != self._local_shape(name).numel():
+                            raise CheckpointError(f"checkpoint '{self.path}' meta.json does not cover tensor "
+                                                  f"'{tensor}' (tp {t}); it is incomplete, resume from an "
+                                                  "earlier checkpoint")
+        else:
+            for t in range(self.tp):  # every file exists with the size meta.json records: cheap, no hashing
+                for s in range(self.pp):
+                    for kind in ("model", "optim"):
+                        if kind == "model" or self.has_optimizer:
+                            verify_file(self.path, shard_file(kind, t, s), self.meta, hash=False)
+
+    def _local_shape(self, name: str) -> torch.Size:
+        spec = self.specs[name]
+        shape = list(spec.shape)
+        if spec.dim is not None:
+            shape[spec.dim] //= self.tp
+        return torch.Size(shape)
 
     @property
     def has_optimizer(self) -> bool:
-        return ("optim", 0, 0) in self._files
+        return not is_weights_only(self.meta)
+
+    def _open(self, name: str):
+        from safetensors import safe_open
+
+        key = name
+        if key not in self._files:
+            path = verify_file(self.path, name, self.meta, hash=self.verify is True) if self.verify \
+                else self.path / name
+            try:
+                self._files[key] = safe_open(str(path), framework="pt")
+            except Exception as exc:  # a damaged header
+                raise CheckpointError(f"checkpoint file '{path}' is truncated or corrupt ({exc}); "
+                                      "restore it or resume from an earlier checkpoint") from None
+        return self._files[key]
 
     def names(self) -> list[str]:
         return list(self.specs)
+
+    def _read_file(self, file: str, tensor: str, index: tuple = ()) -> torch.Tensor:
+        try:
+            handle = self._open(file)
+            out = handle.get_slice(tensor)[index] if index else handle.get_tensor(tensor)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"checkpoint '{self.path}' lacks tensor '{tensor}' in "
+                                  f"{file} ({exc}); it is incomplete or of another model") from None
+        IO_BYTES["read"] += out.numel() * out.element_size()
+        return out
+
+    def _get(self, kind: str, t: int, stage: int, tensor: str, index: tuple = ()) -> torch.Tensor:
+        """TP shard ``t`` of ``tensor`` (or ``[index]`` of it: slices, the last one a row range)."""
+        if self._parts is None:
+            return self._read_file(shard_file(kind, t, stage), tensor, index)
+        shape = self._local_shape(tensor.split("/")[0])
+        dim = len(index) - 1 if index else 0
+        a, b = (index[-1].start, index[-1].stop) if index else (0, shape[0])
+        r0, r1 = (index[0].start or 0, shape[0] if index[0].stop is None else index[0].stop) if dim else (0, 0)
+        if dim and (a, b) == (0, shape[dim]) and (r0, r1) == (0, shape[0]):
+            dim, a, b = 0, 0, shape[0]
+        if dim == 1 and len(shape) == 2:  # columns a:b of rows r0:r1: one short read per row and part
+            cols = shape[1]
+            out = torch.empty(r1 - r0, b - a)
+            for start, numel, file in self._parts[(kind, t, tensor)]:
+                for r in range(max(r0, start // cols), min(r1, -(-(start + numel) // cols))):
+                    x, y = max(r * cols + a, start), min(r * cols + b, start + numel)
+                    if x < y:
+                        out[r - r0, x - r * cols - a:y - r * cols - a] = self._read_file(
+                            file, tensor, (slice(x - start, y - start),))
+            return out
+        if dim:  # a range of a later dim: the rows hold it, read them all
+            a, b = 0, shape[0]
+        row = shape[1:].numel()
+        lo, hi = a * row, b * row
+        pieces = []
+        for start, numel, file in self._parts[(kind, t, tensor)]:
+            x, y = max(lo, start), min(hi, start + numel)
+            if x < y:
+                pieces.append(self._read_file(file, tensor, (slice(x - start, y - start),)))
+        flat = torch.cat(pieces) if len(pieces) > 1 else (pieces[0] if pieces else torch.zeros(0))
+        out = flat.reshape(b - a, *shape[1:])
+        return out[index] if dim else out
 
     def full(self, name: str, key: Optional[str] = None) -> torch.Tensor:
         """Full tensor of parameter ``name`` (or of its optimizer moment ``key``)."""
         kind, tensor = ("model", name) if key is None else ("optim", f"{name}/{key}")
         stage, spec = self.stage_of[name], self.specs[name]
-        try:
-            if spec.dim is None:
-                return self._files[(kind, 0, stage)].get_tensor(tensor)
-            shards = [self._files[(kind, t, stage)].get_tensor(tensor) for t in range(self.tp)]
-        except (KeyError, Exception) as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"checkpoint '{self.path}' lacks tensor '{tensor}' ({exc}); "
-                                  "it is incomplete or of another model") from None
-        return unshard(shards, spec.dim, spec.chunks)
+        if spec.dim is None:
+            return self._get(kind, 0, stage, tensor)
+        return unshard([self._get(kind, t, stage, tensor) for t in range(self.tp)], spec.dim, spec.chunks)
+
+    def read(self, name: str, key: Optional[str] = None, dim: int = 0, start: int = 0,
+             stop: Optional[int] = None, rows: Optional[tuple] = None) -> torch.Tensor:
+        """Rows ``start:stop`` along ``dim`` of the full tensor ``name`` (or of its moment ``key``),
+        reading only those bytes; ``rows`` (dim 1 only) restricts dim 0 too.  Rows past the end
+        (vocabulary padding of another TP size) are zeros."""
+        kind, tensor = ("model", name) if key is None else ("optim", f"{name}/{key}")
+        stage, spec = self.stage_of[name], self.specs[name]
+        size = spec.shape[dim]
+        stop = size if stop is None else stop
+        have = min(stop, size)
+
+        def index(a, b):
+            return tuple(slice(*rows) if rows and i == 0 else slice(None) for i in range(dim)) + (slice(a, b),)
+
+        if spec.dim is None:
+            pieces = [self._get(kind, 0, stage, tensor, index(start, have))] if have > start else []
+        elif spec.dim != dim:
+            pieces = [unshard([self._get(kind, t, stage, tensor, index(start, have)) for t in range(self.tp)],
+                              spec.dim, spec.chunks)] if have > start else []
+        else:
+            found = []
+            for t in range(self.tp):
+                local = 0
+                for a, b in rank_ranges(size, spec.chunks, t, self.tp):
+                    lo, hi = max(a, start), min(b, have)
+                    if lo < hi:
+                        found.append((lo, self._get(kind, t, stage, tensor, index(local + lo - a, local + hi - a))))
+                    local += b - a
+            pieces = [x for _, x in sorted(found, key=lambda f: f[0])]
+        if stop > max(size, start):  # rows this checkpoint does not have: zero padding
+            shape = list(spec.shape)
+            shape[dim] = stop - max(size, start)
+            if rows:
+                shape[0] = rows[1] - rows[0]
+            pieces.append(torch.zeros(shape, dtype=torch.float32))
+        return torch.cat(pieces, dim) if len(pieces) > 1 else pieces[0]
+
+    def read_shard(self, name: str, key: Optional[str], spec: ShardSpec, rank: int, tp: int) -> torch.Tensor:
+        """TP ``rank``'s shard (at ``tp``, shaped by ``spec``) of ``name``: what
+        ``reshard_tensor(self.full(name, key), spec, rank, tp)`` gives, reading only its bytes."""
+        if spec.dim is None:
+            return self.full(name, key)
+        parts = [self.read(name, key, spec.dim, a, b) for a, b in rank_ranges(spec.shape[spec.dim], spec.chunks,
+                                                                               rank, tp)]
+        return torch.cat(parts, spec.dim) if len(parts) > 1 else parts[0]
+
+    def read_flat(self, name: str, key: Optional[str], spec: ShardSpec, rank: int, tp: int, start: int,
+                  numel: int) -> torch.Tensor:
+        """Elements ``start:start+numel`` of TP ``rank``'s shard (flattened) of ``name``: the part of it a
+        ZeRO partition holds, reading only the rows that contain it."""
+        shape = list(spec.shape)
+        if spec.dim is not None:
+            shape[spec.dim] //= tp
+        row = int(np.prod(shape[1:], dtype=np.int64))
+        r0, r1 = start // row, -(-(start + numel) // row)
+        if spec.dim is None:
+            rows = self.read(name, key, 0, r0, r1)
+        elif spec.dim == 0:
+            parts, local = [], 0
+            for a, b in rank_ranges(spec.shape[0], spec.chunks, rank, tp):
+                x, y = max(r0, local), min(r1, local + b - a)
+                if x < y:
+                    parts.append(self.read(name, key, 0, a + x - local, a + y - local))
+                local += b - a
+            rows = torch.cat(parts) if len(parts) > 1 else parts[0]
+        else:
+            parts = [self.read(name, key, spec.dim, a, b, rows=(r0, r1))
+                     for a, b in rank_ranges(spec.shape[spec.dim], spec.chunks, rank, tp)]
+            rows = torch.cat(parts, spec.dim) if len(parts) > 1 else parts[0]
+        return rows.reshape(-1)[start - r0 * row:start - r0 * row + numel]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: self.full(n) for n in self.names()}
@@ -417,6 +606,7 @@ def _save_tensors(tensors: dict, path: Path) -> dict:
 
     data = save({k: v.contiguous() for k, v in tensors.items()})
     _fsync_write(path, data)
+    IO_BYTES["written"] += len(data)
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -426,56 +616,84 @@ def _gather_objects(obj, ctx: ParallelContext):
     return out
 
 
+class PendingSave:
+    """An asynchronous save in flight: its background thread writes this rank's files, then (on rank 0,
+    once every rank's ``done/rankN.json`` marker is there) ``meta.json`` and the renames."""
+
+    def __init__(self, final: Path, target, args):
+        import threading
+
+        self.final, self.error = final, None
+        self._thread = threading.Thread(target=self._run, args=(target, args), name="checkpoint-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, target, args):
+        try:
+            target(*args)
+        except BaseException as exc:  # reported by wait(), on the training thread
+            self.error = exc
+
+    def wait(self) -> Path:
+        self._thread.join()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error if isinstance(error, CheckpointError) else CheckpointError(
+                f"saving checkpoint {self.final} failed ({error}); the previous checkpoint is kept")
+        return self.final
+
+
+_PENDING: Optional[PendingSave] = None
+
+
+def wait_for_save() -> Optional[Path]:
+    """Block until the asynchronous save in flight (if any) is committed; its directory, or None."""
+    global _PENDING
+    pending, _PENDING = _PENDING, None
+    return pending.wait() if pending is not None else None
+
+
 def save_checkpoint(engine, named_params: Iterable, cfg: Config, ctx: ParallelContext, step: int,
-                    consumed_samples: int, tokenizer=None) -> Path:
+                    consumed_samples: int, tokenizer=None, asynchronous: bool = False) -> Path:
     """Collective: every rank calls it.  Returns the committed checkpoint directory.
+
+    Every data-parallel rank writes the part of each (TP, PP) shard's fp32 masters and Adam moments
+    that its ZeRO partition holds (:func:`megallama.engine.local_part`).  With ``asynchronous`` the
+    state is copied to host memory here and a background thread writes and commits it (a second save,
+    and :func:`wait_for_save`, wait for it); the returned directory exists once committed.
 
     ``tokenizer`` (a :class:`~megallama.data.tokenizer.Tokenizer` with ``.path``/``.fingerprint``,
     or None) is copied in, so a checkpoint is self-contained for evaluation and export."""
+    global _PENDING
+    import time
+
+    from megallama.engine import local_part
+
+    wait_for_save()  # a second save waits for the first
+    began = time.perf_counter()
     root = Path(cfg.train.run_dir) / "checkpoints"
     final, tmp = root / step_name(step), root / (step_name(step) + ".tmp")
     rank0 = dist.get_rank() == 0
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True, exist_ok=True)
+        (tmp / "done").mkdir()
     dist.barrier()
 
     named = list(named_params)
-    writer = ctx.dp_rank == 0
     link_optimizer_state(engine)
-    weights, moments, error = {}, {}, None
-    for name, p in named:  # collective over DP inside DeepSpeed's gather
-        weights[name] = get_master(engine, p)
-        for key in MOMENTS:
-            moments[f"{name}/{key}"] = get_moment(engine, p, key)
-    files = {}
-    try:
-        if writer:
-            files[shard_file("model", ctx.tp_rank, ctx.pp_rank)] = _save_tensors(
-                weights, tmp / shard_file("model", ctx.tp_rank, ctx.pp_rank))
-            files[shard_file("optim", ctx.tp_rank, ctx.pp_rank)] = _save_tensors(
-                moments, tmp / shard_file("optim", ctx.tp_rank, ctx.pp_rank))
-        rng = f"rng/rank{ctx.rank:05d}.json"
-        data = json.dumps(_rng_state()).encode()
-        _fsync_write(tmp / rng, data)
-        files[rng] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    except OSError as exc:
-        error = f"rank {ctx.rank}: {exc}"
-    gathered = _gather_objects((files, [n for n, _ in named], ctx.pp_rank, error), ctx)
-    errors = [g[3] for g in gathered if g[3]]
-    if errors:
-        if rank0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"saving checkpoint {final} failed ({errors[0]}); the previous checkpoint is kept")
+    weights, moments, held = {}, {}, {}
+    for name, p in named:  # ZeRO-3: collective over DP inside DeepSpeed's gather
+        start, part = local_part(engine, p, ctx.dp_rank, ctx.dp_size)
+        if not part or (ctx.tp_rank and not is_sharded(p)):  # replicated over TP: TP rank 0 writes it
+            continue
+        held[name] = [start, part[""].numel()]
+        weights[name] = part[""].clone() if asynchronous else part[""]  # host copies: training goes on
+        moments.update({f"{name}/{key}": part[key].clone() if asynchronous else part[key] for key in MOMENTS})
+    rng = json.dumps(_rng_state()).encode()
+    stages = _gather_objects(([n for n, _ in named], ctx.pp_rank), ctx)
+    meta = None
     if rank0:
-        all_files, stage_of = {}, {}
-        for f, names, stage, _ in gathered:
-            all_files.update(f)
-            stage_of.update({n: stage for n in names})
-        if tokenizer is not None and getattr(tokenizer, "path", None):
-            data = Path(tokenizer.path).read_bytes()
-            _fsync_write(tmp / TOKENIZER_FILE, data)
-            all_files[TOKENIZER_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         base_opt = _base_optimizer(engine)
         meta = {
             "format": FORMAT, "version": VERSION, "megallama_version": __version__,
@@ -487,21 +705,93 @@ def save_checkpoint(engine, named_params: Iterable, cfg: Config, ctx: ParallelCo
             "loss_scale": float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale") else None,
             "lr_scheduler_last_epoch": engine.lr_scheduler.last_epoch if engine.lr_scheduler else None,
             "optimizer_lrs": [g["lr"] for g in base_opt.param_groups],
-            "config": cfg.to_dict(), "stage_of": stage_of, "files": all_files,
+            "config": cfg.to_dict(), "stage_of": {n: stage for names, stage in stages for n in names},
         }
-        _fault_point("kill-during-save", step)
-        _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1).encode())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)  # the rename is durable before `latest` names it
-        pointer = root / "latest.tmp"
-        _fsync_write(pointer, final.name.encode())
-        os.replace(pointer, root / "latest")
-        _fsync_dir(root)
-        _prune(root, cfg.train.keep_last, keep=final.name)
-    dist.barrier()
+    times = {"asynchronous": asynchronous}
+    SAVE_TIMES.append(times)
+    args = (ctx, tmp, final, root, weights, moments, held, rng, meta, tokenizer, cfg.train.keep_last, step, times)
+    if asynchronous:
+        _PENDING = PendingSave(final, _write_and_commit, args)
+        times["stall_s"] = time.perf_counter() - began
+        return final
+    error = None
+    try:
+        _write_and_commit(*args)
+    except CheckpointError as exc:
+        error = str(exc)
+    errors = [e for e in _gather_objects(error, ctx) if e]  # every rank returns after the commit
+    if errors:
+        raise CheckpointError(errors[0])
+    times["stall_s"] = time.perf_counter() - began
     return final
+
+
+def _write_and_commit(ctx: ParallelContext, tmp: Path, final: Path, root: Path, weights: dict, moments: dict,
+                      held: dict, rng: bytes, meta: Optional[dict], tokenizer, keep_last: int, step: int,
+                      times: Optional[dict] = None) -> None:
+    """Write this rank's files; rank 0 then commits once every rank reported its files (or an error).
+
+    Synchronous saves report with an all-gather.  Asynchronous ones run on a background thread while
+    training runs collectives, so none runs here: each rank writes a ``done/rankN.json`` marker and
+    rank 0 waits for all of them; the other ranks return once their own files are durable."""
+    import time
+
+    began = time.perf_counter()
+    files, parts, error = {}, {}, None
+    try:
+        if weights:
+            for kind, tensors in (("model", weights), ("optim", moments)):
+                file = part_file(kind, ctx.tp_rank, ctx.pp_rank, ctx.dp_rank)
+                files[file] = _save_tensors(tensors, tmp / file)
+                parts[file] = {t: held[t.split("/")[0]] for t in tensors}
+        name = f"rng/rank{ctx.rank:05d}.json"
+        _fsync_write(tmp / name, rng)
+        files[name] = {"bytes": len(rng), "sha256": hashlib.sha256(rng).hexdigest()}
+    except OSError as exc:
+        error = f"rank {ctx.rank}: {exc}"
+    mine = {"files": files, "parts": parts, "error": error}
+    if times is not None and not times["asynchronous"]:  # on the training thread: an all-gather
+        reports = _gather_objects(mine, ctx)
+    else:
+        marker = tmp / "done" / f"rank{ctx.rank:05d}.json"
+        _fsync_write(marker.with_suffix(".tmp"), json.dumps(mine).encode())
+        os.replace(marker.with_suffix(".tmp"), marker)
+        reports = []
+        if ctx.rank == 0:
+            done = tmp / "done"
+            while len(list(done.glob("rank*.json"))) < ctx.world_size:
+                time.sleep(0.01)
+            reports = [json.loads(path.read_text()) for path in sorted(done.glob("rank*.json"))]
+    error = next((r["error"] for r in reports if r["error"]), error)
+    if ctx.rank != 0 or error:
+        if ctx.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error:
+            raise CheckpointError(f"saving checkpoint {final} failed ({error}); the previous checkpoint is kept")
+        return
+    all_files, all_parts = {}, {}
+    for got in reports:
+        all_files.update(got["files"])
+        all_parts.update(got["parts"])
+    shutil.rmtree(tmp / "done", ignore_errors=True)
+    if tokenizer is not None and getattr(tokenizer, "path", None):
+        data = Path(tokenizer.path).read_bytes()
+        _fsync_write(tmp / TOKENIZER_FILE, data)
+        all_files[TOKENIZER_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    meta = dict(meta, files=all_files, parts=all_parts)
+    _fault_point("kill-during-save", step)
+    _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1).encode())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)  # the rename is durable before `latest` names it
+    pointer = root / "latest.tmp"
+    _fsync_write(pointer, final.name.encode())
+    os.replace(pointer, root / "latest")
+    _fsync_dir(root)
+    _prune(root, keep_last, keep=final.name)
+    if times is not None:
+        times["write_s"] = time.perf_counter() - began
 
 
 def _fault_point(name: str, step: int) -> None:
@@ -549,12 +839,20 @@ def load_checkpoint(engine, named_params: Iterable, cfg: Config, ctx: ParallelCo
         raise CheckpointError(f"checkpoint '{ckpt}' holds weights only; start a new run from it with "
                               "--init-from instead of resuming")
     init_optimizer_state(engine)
+    from megallama.engine import held_range, set_held
+
     for name, p in named_params:
-        set_master(engine, p, reshard_tensor(reader.full(name), specs[name], ctx.tp_rank, ctx.tp_size))
+        held = held_range(p)
+        if held is not None:  # ZeRO-1/2: read and set only this rank's partition
+            start, numel = held
+            for key in (None, *MOMENTS) if load_optimizer else (None,):
+                if numel:
+                    set_held(p, key, reader.read_flat(name, key, specs[name], ctx.tp_rank, ctx.tp_size, start, numel))
+            continue
+        set_master(engine, p, reader.read_shard(name, None, specs[name], ctx.tp_rank, ctx.tp_size))
         if load_optimizer:
             for key in MOMENTS:
-                set_moment(engine, p, key, reshard_tensor(reader.full(name, key), specs[name], ctx.tp_rank,
-                                                          ctx.tp_size))
+                set_moment(engine, p, key, reader.read_shard(name, key, specs[name], ctx.tp_rank, ctx.tp_size))
     _refresh_low_precision(engine)
     if load_optimizer:
         step = reader.meta["step"]
@@ -644,19 +942,24 @@ def write_checkpoint(out: str | Path, cfg: Config, weights: dict[str, torch.Tens
                               f"'{extra[0]}'; the source is of another model shape")
     stage_of = stage_assignment(cfg.model, pp, cfg.parallel.pipeline_partition)
     with building(out) as tmp:
-        files = {}
+        files, parts = {}, {}
         for t in range(tp):
             for s in range(pp):
-                names = [n for n in specs if stage_of[n] == s]
+                names = [n for n in specs if stage_of[n] == s and (t == 0 or specs[n].dim is not None)]
                 model = {}
                 for n in names:
                     _check_shape(n, weights[n], specs[n], cfg.model)
-                    model[n] = reshard_tensor(weights[n].float(), specs[n], t, tp)
-                files[shard_file("model", t, s)] = _save_tensors(model, tmp / shard_file("model", t, s))
+                    model[n] = reshard_tensor(weights[n].float(), specs[n], t, tp).reshape(-1)
+                kinds = [("model", model)]
                 if moments is not None:
-                    optim = {f"{n}/{k}": reshard_tensor(moments[f"{n}/{k}"].float(), specs[n], t, tp)
-                             for n in names for k in MOMENTS}
-                    files[shard_file("optim", t, s)] = _save_tensors(optim, tmp / shard_file("optim", t, s))
+                    kinds.append(("optim", {f"{n}/{k}": reshard_tensor(moments[f"{n}/{k}"].float(), specs[n], t,
+                                                                       tp).reshape(-1)
+                                            for n in names for k in MOMENTS}))
+                for kind, tensors in kinds:
+                    if tensors:
+                        file = part_file(kind, t, s, 0)
+                        files[file] = _save_tensors(tensors, tmp / file)
+                        parts[file] = {k: [0, v.numel()] for k, v in tensors.items()}
         if tokenizer_path:
             data = Path(tokenizer_path).read_bytes()
             _fsync_write(tmp / TOKENIZER_FILE, data)
@@ -667,7 +970,8 @@ def write_checkpoint(out: str | Path, cfg: Config, weights: dict[str, torch.Tens
                            "sequence_parallel": cfg.parallel.sequence_parallel},
                 "precision": cfg.train.precision, "tokenizer_fingerprint": None, "loss_scale": None,
                 "lr_scheduler_last_epoch": step if moments is not None else None, "optimizer_lrs": None,
-                "config": cfg.to_dict(), "stage_of": stage_of, "files": files, **(extra_meta or {})}
+                "config": cfg.to_dict(), "stage_of": stage_of, "files": files, "parts": parts,
+                **(extra_meta or {})}
         _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1).encode())
         os.replace(tmp, out)
     return out

@@ -133,6 +133,7 @@ class TrainConfig:
     eval_iters: int = 10
     save_interval: int = 0  # 0 = save only at the end (and on SIGTERM/SIGUSR1); -1 = never (benchmarks)
     keep_last: int = 3
+    async_save: bool = False  # copy state to host memory; a background thread writes and commits
     device_peak_flops: float = 0.0  # for MFU; 0 = looked up (GPU table) or measured (CPU)
     tensorboard: bool = True
     # the paper's "evolution during training": benchmark tasks scored every task_eval_interval steps

@@ -306,3 +306,44 @@ def guard_nonfinite_steps(optimizer, group=None) -> None:
 
 
 # --- checkpoint state access (DeepSpeed internals) ---
+
+
+def local_part(engine, p, dp_rank: int, dp_size: int) -> tuple[int, dict]:
+    """(flat start, {"": fp32 master, "exp_avg": ..., "exp_avg_sq": ...}) of the contiguous flat range
+    of ``p`` (its TP shard, flattened) that this data-parallel rank writes to a checkpoint.
+
+    ZeRO-1/2 and the bf16 optimizer: the fragment DeepSpeed's partition holds (``_hp_mapping``;
+    None when another DP rank holds all of ``p``) -- no communication.  ZeRO-3: the full tensor is
+    gathered (DeepSpeed's own partition is padded and interleaved per sub-group) and this rank's
+    equal share cut from it.  No ZeRO: every rank holds all of ``p``; each writes its equal share."""
+    from megallama.checkpoint import MOMENTS, get_master, get_moment
+
+    mapping = getattr(p, "_hp_mapping", False)
+    if mapping is None:
+        return 0, {}
+    if mapping is not False:
+        address = mapping.lp_fragment_address
+        out = {"": mapping.get_hp_fragment().detach().float().cpu()}
+        out.update({k: mapping.get_hp_fragment(k).detach().float().cpu() for k in MOMENTS})
+        return address.start, {k: v.reshape(-1) for k, v in out.items()}
+    full = {"": get_master(engine, p), **{k: get_moment(engine, p, k) for k in MOMENTS}}
+    numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+    share = -(-numel // dp_size)
+    start, stop = min(dp_rank * share, numel), min((dp_rank + 1) * share, numel)
+    return start, {k: v.reshape(-1)[start:stop].clone() for k, v in full.items()} if stop > start else {}
+
+
+def held_range(p) -> tuple[int, int] | None:
+    """(flat start, numel) of ``p``'s TP shard whose fp32 master and moments this data-parallel rank's
+    ZeRO-1/2 (or bf16 optimizer) partition holds -- (0, 0) when it holds none; None when DeepSpeed
+    does not partition ``p`` that way (ZeRO-3, no ZeRO): then the whole shard is set."""
+    mapping = getattr(p, "_hp_mapping", False)
+    if mapping is False:
+        return None
+    return (0, 0) if mapping is None else (mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel)
+
+
+def set_held(p, key: str | None, value: torch.Tensor) -> None:
+    """Copy ``value`` (the :func:`held_range` of the master, or of moment ``key``) into the partition."""
+    fragment = p._hp_mapping.get_hp_fragment(key)
+    fragment.data.copy_(value.to(fragment.device).view_as(fragment))

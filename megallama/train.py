@@ -175,13 +175,15 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
     monitor.faults.attach(engine.module, monitor)
     batches = stream(data.train, start_consumed)
 
-    def save(step: int) -> None:
+    def save(step: int, wait: bool = False) -> None:
         if t.save_interval < 0:  # -1: a benchmark or smoke run that keeps no checkpoint
             return
         consumed = start_consumed + (step - start_step) * t.global_batch_size
-        path = save_checkpoint(engine, params, cfg, ctx, step, consumed, tokenizer)
+        background = t.async_save and not wait  # the last save, and one on a signal, commit before exit
+        path = save_checkpoint(engine, params, cfg, ctx, step, consumed, tokenizer, asynchronous=background)
         if rank0:
-            print(f"saved checkpoint {path}", flush=True)
+            print(f"{'saving' if background else 'saved'} checkpoint {path}"
+                  f"{' in the background' if background else ''}", flush=True)
 
     total_steps = t.total_steps()
     if start_step >= total_steps:
@@ -221,7 +223,7 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
 
             evaluate_during_training(engine.module, cfg.model, data.tokenizer, tasks, task_opts, log.writer, step + 1)
         if step + 1 < total_steps and stop.agreed():
-            save(step + 1)
+            save(step + 1, wait=True)
             if rank0:
                 then = ("run the same command to resume" if t.save_interval >= 0 else
                         "no checkpoint was written (train.save_interval=-1)")
@@ -231,7 +233,7 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
         if t.save_interval > 0 and (step + 1) % t.save_interval == 0 and step + 1 < total_steps:
             save(step + 1)
 
-    save(total_steps)
+    save(total_steps, wait=True)
 
     # the run's whole count: the checkpoint's position plus this session's steps (the global batch may
     # have changed at a resume)

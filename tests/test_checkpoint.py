@@ -87,6 +87,24 @@ def test_kill_during_save_leaves_previous_checkpoint(reference, tmp_path):
 
 
 @pytest.mark.slow
+def test_async_save_killed_in_its_background_write_leaves_previous_checkpoint(reference, tmp_path):
+    """train.async_save: the save of step 6 is written by a background thread while training goes on;
+    kill -9 inside that write (before meta.json) leaves step 4 as latest, and the resumed run -- itself
+    saving asynchronously -- matches the synchronous reference bit for bit."""
+    run_dir = tmp_path / "run"
+    r = megallama(*train_args(run_dir, *RUN, "train.async_save=true"), MEGALLAMA_FAULT_INJECT="kill-during-save@6")
+    assert r.returncode == -signal.SIGKILL
+    assert "saving checkpoint" in r.stdout and "in the background" in r.stdout, r.stdout[-2000:]
+    root = run_dir / "checkpoints"
+    assert (root / "latest").read_text() == "step_00000004"
+    assert (root / "step_00000006.tmp").is_dir() and not (root / "step_00000006").exists()
+    r = megallama(*train_args(run_dir, *RUN, "train.async_save=true"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(step 4," in r.stdout and (root / "latest").read_text() == "step_00000008"
+    _assert_bitwise(run_dir, reference[1])
+
+
+@pytest.mark.slow
 def test_sigterm_saves_exits_75_and_resumes(reference, tmp_path):
     run_dir = tmp_path / "run"
     proc = start(megallama_cmd(*train_args(run_dir, *RUN)))
@@ -120,13 +138,13 @@ def test_preemption_during_startup_is_kept(tmp_path):
 # ----------------------------------------------------------------------------- bad checkpoints
 
 def _damage_truncate(ckpt):
-    f = ckpt / "model_tp00_pp00.safetensors"
+    f = ckpt / "model_tp00_pp00_dp000.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
     return "truncated or corrupt", f.name
 
 
 def _damage_flip(ckpt):
-    f = ckpt / "optim_tp00_pp00.safetensors"
+    f = ckpt / "optim_tp00_pp00_dp000.safetensors"
     data = bytearray(f.read_bytes())
     data[-7] ^= 0xFF
     f.write_bytes(bytes(data))
@@ -134,8 +152,8 @@ def _damage_flip(ckpt):
 
 
 def _damage_missing(ckpt):
-    (ckpt / "model_tp00_pp00.safetensors").unlink()
-    return "is missing", "model_tp00_pp00.safetensors"
+    (ckpt / "model_tp00_pp00_dp000.safetensors").unlink()
+    return "is missing", "model_tp00_pp00_dp000.safetensors"
 
 
 def _damage_meta(ckpt):

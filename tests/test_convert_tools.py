@@ -57,24 +57,30 @@ def _assert_tp2_shards_by_hand(src, step_dir):
     """What each tp=2 rank's files hold, spelled out by hand rather than through the shard specs
     that reshard and the reader share (round trips and logits cannot see a cut both agree on):
     its half of the q, of the k and of the v heads, of w1 and of w3, of wo's columns and of the
-    vocabulary rows, for the weights and both Adam moments; norm weights whole."""
+    vocabulary rows, for the weights and both Adam moments; norm weights whole (in TP rank 0's file).
+    Format v2 stores each TP shard flattened (one part, ``_dp000``, when written offline)."""
     from safetensors import safe_open
 
     for t in range(2):
-        f = safe_open(str(step_dir / f"model_tp{t:02d}_pp00.safetensors"), framework="pt")
-        o = safe_open(str(step_dir / f"optim_tp{t:02d}_pp00.safetensors"), framework="pt")
+        f = safe_open(str(step_dir / f"model_tp{t:02d}_pp00_dp000.safetensors"), framework="pt")
+        o = safe_open(str(step_dir / f"optim_tp{t:02d}_pp00_dp000.safetensors"), framework="pt")
         for key in (None, *MOMENTS):
-            get = (lambda n: f.get_tensor(n)) if key is None else (lambda n: o.get_tensor(f"{n}/{key}"))
+            flat = (lambda n: f.get_tensor(n)) if key is None else (lambda n: o.get_tensor(f"{n}/{key}"))
+            get = lambda n: flat(n).reshape(-1)
             full = lambda n: src.full(n, key)
             half = lambda x, dim=0: x.chunk(2, dim)[t]
             q, k, v = full("layers.0.attention.wqkv.weight").split([64, 64, 64])  # tiny: 4 heads of 16, MHA
-            assert torch.equal(get("layers.0.attention.wqkv.weight"), torch.cat([half(q), half(k), half(v)])), key
+            assert torch.equal(get("layers.0.attention.wqkv.weight"),
+                               torch.cat([half(q), half(k), half(v)]).reshape(-1)), key
             w1, w3 = full("layers.0.feed_forward.w13.weight").chunk(2)
-            assert torch.equal(get("layers.0.feed_forward.w13.weight"), torch.cat([half(w1), half(w3)])), key
-            assert torch.equal(get("layers.0.attention.wo.weight"), half(full("layers.0.attention.wo.weight"), 1))
-            assert torch.equal(get("layers.0.feed_forward.w2.weight"), half(full("layers.0.feed_forward.w2.weight"), 1))
-            assert torch.equal(get("tok_embeddings.weight"), half(full("tok_embeddings.weight")))
-            assert torch.equal(get("layers.0.attention_norm.weight"), full("layers.0.attention_norm.weight"))
+            assert torch.equal(get("layers.0.feed_forward.w13.weight"), torch.cat([half(w1), half(w3)]).reshape(-1))
+            assert torch.equal(get("layers.0.attention.wo.weight"),
+                               half(full("layers.0.attention.wo.weight"), 1).reshape(-1))
+            assert torch.equal(get("layers.0.feed_forward.w2.weight"),
+                               half(full("layers.0.feed_forward.w2.weight"), 1).reshape(-1))
+            assert torch.equal(get("tok_embeddings.weight"), half(full("tok_embeddings.weight")).reshape(-1))
+            if t == 0:
+                assert torch.equal(get("layers.0.attention_norm.weight"), full("layers.0.attention_norm.weight"))
 
 
 def test_reshard_round_trips_are_exact(source, tmp_path):

@@ -214,7 +214,7 @@ def load_megallama_checkpoint(path: str, device: str, dtype: Optional[torch.dtyp
     """
     import torch.distributed as dist
 
-    from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, reshard_tensor, shard_specs
+    from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, shard_specs
     from megallama.model import Transformer
     from parallel.topology import ParallelContext
 
@@ -231,6 +231,6 @@ def load_megallama_checkpoint(path: str, device: str, dtype: Optional[torch.dtyp
     specs = shard_specs(model_cfg, tp)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(reshard_tensor(reader.full(name), specs[name], ctx.tp_rank, tp))
+            p.copy_(reader.read_shard(name, None, specs[name], ctx.tp_rank, tp))
     model = model.to(device=device, dtype=dtype or torch.float32).eval()
     return MegallamaAdapter(model, model_cfg, load_tokenizer(tok_path), dtype=dtype)
