@@ -23,6 +23,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "show-model": ("megallama.commands.show_model", "print a config's model, layout and parameter count"),
     "tokenizer": ("megallama.commands.tokenizer", "train a SentencePiece BPE tokenizer with the LLaMA settings"),
     "curate": ("megallama.commands.curate", "deduplicate and filter raw text per source (CCNet-style)"),
+    "train-classifier": ("megallama.commands.train_classifier",
+                         "train the fastText quality classifier of web pages (CCNet) for curate --classifier-model"),
     "preprocess": ("megallama.commands.preprocess", "tokenize text into an indexed dataset (PREFIX.bin/.idx)"),
     "preprocess-instruct": ("megallama.commands.preprocess_instruct",
                             "tokenize instruction JSONL into tokens plus a loss mask for finetuning"),

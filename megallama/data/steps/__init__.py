@@ -98,10 +98,11 @@ def source_steps(source: str, cfg: StepsConfig) -> List[Step]:
     raise ConfigError(f"--source must be one of {', '.join(SOURCES)}, got '{source}'")
 
 
-def run_steps(steps: Sequence[Step], doc: Dict[str, Any], removed: Counter,
-              on_error: str = "fail") -> Optional[Dict[str, Any]]:
+def run_steps(steps: Sequence[Step], doc: Dict[str, Any], removed: Counter, on_error: str = "fail",
+              kept: Optional[Counter] = None) -> Optional[Dict[str, Any]]:
     """Apply ``steps`` in order: the surviving document, or None with ``removed[step.name]`` (or
-    ``removed["malformed (<step>)"]`` under ``on_error="skip"``) incremented."""
+    ``removed["malformed (<step>)"]`` under ``on_error="skip"``) incremented; ``kept[step.name]`` (if
+    given) counts the documents each step passed on."""
     for step in steps:
         try:
             out = step(doc)
@@ -115,6 +116,8 @@ def run_steps(steps: Sequence[Step], doc: Dict[str, Any], removed: Counter,
         if out is None:
             removed[step.name] += 1
             return None
+        if kept is not None:
+            kept[step.name] += 1
         doc = out
     return doc
 

@@ -28,11 +28,12 @@ _CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
 _END_MARKS = (".", "?", "!", '"')
 _ELLIPSIS = "..."
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=\S)")
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[^\sa-z])")  # not before a lower-case word ("e.g. this")
 
 
 def sentences(line: str) -> List[str]:
-    """Sentences of a line: split after ``. ! ?`` (and closing quotes/brackets) followed by a space."""
+    """Sentences of a line: split after ``. ! ?`` (and closing quotes/brackets), a space, and a word that does
+    not start in lower case (C4 counted with NLTK's punkt tokenizer; this is a regular-expression stand-in)."""
     return [s for s in _SENTENCE_END.split(line.strip()) if s.strip()]
 
 

@@ -3,6 +3,7 @@ else the model that ships inside the ``langid`` package (langid.py, 97 languages
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -36,11 +37,37 @@ def load_fasttext(path: str, option: str):
             raise DataError(f"{option} needs the fasttext package: pip install fasttext-wheel "
                             "(or pip install -e .[data])") from None
         try:
-            return ft._FastText(model_path=p)  # fasttext.load_model without its deprecation warning
+            model = ft._FastText(model_path=p)  # fasttext.load_model without its deprecation warning
         except (ValueError, RuntimeError, MemoryError) as exc:
             raise DataError(f"{option} '{p}' cannot be loaded as a fastText model ({_one_line(str(exc))}); "
                             "give an intact .bin/.ftz") from None
+        problem = _fasttext_problem(model, p)
+        if problem:
+            raise DataError(f"{option} '{p}' cannot be loaded as a fastText model ({problem}); "
+                            "give an intact .bin/.ftz")
+        return model
     return cached_model("fasttext", path, load)
+
+
+def _fasttext_problem(model, path: str) -> str:
+    """fastText reads a truncated file without complaint: check what it read against the file's size."""
+    labels = model.get_labels()
+    if not labels or not all(str(label).startswith("__label__") for label in labels):
+        return "no labels: truncated, or not a supervised model"
+    if model.f.isQuant():
+        return ""
+    args = model.f.getArgs()
+    # fastText's layout: magic, version, 12 int32 + 1 double of arguments, the dictionary header and entries
+    # (UTF-8 word, NUL, int64 count, int8 type), then the input (words + hash buckets) and output (labels)
+    # float32 matrices, each after a quantisation flag byte and two int64 dimensions
+    try:
+        words = model.get_words()
+    except UnicodeDecodeError:  # a vocabulary that is not UTF-8: its byte lengths are not known here
+        return ""
+    entries = sum(len(w.encode("utf-8")) + 10 for w in list(words) + list(labels))
+    need = 8 + 56 + 28 + entries + 2 * 17 + 4 * args.dim * (len(words) + args.bucket + len(labels))
+    size = os.path.getsize(path)
+    return f"{size:,} bytes where its header announces {need:,}: truncated" if size < need else ""
 
 
 def fasttext_predict(model, text: str) -> List[Tuple[float, str]]:

@@ -93,7 +93,7 @@ def wikitext_to_text(wikitext: str) -> str:
 
 
 class WikiMarkup(Step):
-    name = "wiki: markup removed"
+    name = "wiki: empty after markup removal"
 
     def __call__(self, doc: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         text = wikitext_to_text(doc["text"])
