@@ -50,7 +50,7 @@ def plain_loop(args, cfg) -> float:
     """Median tokens/s of the plain loop (fp32 parameters, bf16 autocast, fused AdamW)."""
     model = build_model(cfg.model, checkpointing=args.checkpointing).cuda().train()
     if args.compile:
-        from megallama.train import compile_blocks
+        from megallama.engine import compile_blocks
 
         compile_blocks(model)  # what train.compile=true does
     opt = build_optimizer(model, cfg)  # the training run's AdamW: its groups, fused on CUDA

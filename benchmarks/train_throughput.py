@@ -56,10 +56,9 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from benchmarks._common import loadavg, median_ratio, print_table, time_call  # noqa: E402
 from megallama.config import Config, preset_config  # noqa: E402
 from megallama.convert import hf_config, ours_to_hf  # noqa: E402
-from megallama.engine import build_optimizer  # noqa: E402
+from megallama.engine import build_optimizer, compile_blocks  # noqa: E402
 from megallama.metrics import cpu_matmul_flops  # noqa: E402
 from megallama.model import build_model  # noqa: E402
-from megallama.train import compile_blocks  # noqa: E402
 from parallel import gemm  # noqa: E402
 from parallel.gemm import MATMUL_OPS  # noqa: E402
 

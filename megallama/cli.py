@@ -18,7 +18,7 @@ from megallama.errors import EXIT_USAGE, UserError, say
 
 # name -> (module, one-line help).  Keep this table the only registry of jobs.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("megallama.train", "pretrain (or finetune) a model; with no config, the demo preset"),
+    "train": ("megallama.commands.train", "pretrain (or finetune) a model; with no config, the demo preset"),
     "presets": ("megallama.commands.presets", "list model presets with exact parameter counts"),
     "show-model": ("megallama.commands.show_model", "print a config's model, layout and parameter count"),
     "tokenizer": ("megallama.commands.tokenizer", "train a SentencePiece BPE tokenizer with the LLaMA settings"),

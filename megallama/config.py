@@ -26,6 +26,11 @@ from megallama.data.config import DataConfig
 from megallama.errors import ConfigError
 
 
+# the values of parallel.pipeline_partition and train.activation_checkpointing (the planner offers the same)
+PIPELINE_PARTITIONS = ("parameters", "flops", "uniform")
+ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
+
+
 def round_up(x: int, multiple: int) -> int:
     return multiple * math.ceil(x / multiple)
 
@@ -362,6 +367,18 @@ def config_from_dict(d: dict) -> Config:
 
 # ----------------------------------------------------------------------------- validation
 
+def tensor_parallel_uneven(m: ModelConfig, tp: int) -> list[str]:
+    """What tensor parallelism over ``tp`` ranks cannot split evenly, e.g. ``["model.n_kv_heads (1)"]``
+    (empty when ``tp`` fits): the heads, key/value heads and FFN rows are divided among the ranks."""
+    sizes = {"model.n_heads": m.n_heads, "model.n_kv_heads": m.kv_heads, "the FFN hidden size": m.ffn_hidden}
+    return [f"{name} ({n})" for name, n in sizes.items() if n % tp]
+
+
+def tensor_parallel_sizes(m: ModelConfig) -> list[int]:
+    """Every tensor-parallel size the model splits over evenly."""
+    return [tp for tp in range(1, m.kv_heads + 1) if not tensor_parallel_uneven(m, tp)]
+
+
 def validate(cfg: Config, world_size: int = 1) -> Config:
     """Check every field and combination; raise one-line ConfigError naming the field."""
     m, p, o, t = cfg.model, cfg.parallel, cfg.optim, cfg.train
@@ -395,11 +412,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     for name in ("tp", "pp"):
         need(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
     need(p.dp >= 0, f"parallel.dp must be >= 0 (0 = derived from the world size), got {p.dp}")
-    need(m.n_heads % p.tp == 0,
-         f"model.n_heads ({m.n_heads}) must be divisible by parallel.tp ({p.tp}); choose tp among its divisors")
-    need(m.kv_heads % p.tp == 0,
-         f"model.n_kv_heads ({m.kv_heads}) must be divisible by parallel.tp ({p.tp}); lower tp or raise n_kv_heads")
-    need(m.ffn_hidden % p.tp == 0, f"FFN hidden size {m.ffn_hidden} must be divisible by parallel.tp ({p.tp})")
+    uneven = tensor_parallel_uneven(m, p.tp)
+    need(not uneven, f"{uneven[0]} must be divisible by parallel.tp ({p.tp}); choose tp among its divisors "
+         f"(these fit this model: {', '.join(map(str, tensor_parallel_sizes(m)))})" if uneven else "")
     need(m.n_layers % p.pp == 0,
          f"model.n_layers ({m.n_layers}) must be divisible by parallel.pp ({p.pp}); choose pp among its divisors")
     if p.sequence_parallel:
@@ -411,7 +426,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         need(p.zero_stage <= 1,
              f"parallel.zero_stage={p.zero_stage} is not supported with pipeline parallelism (pp={p.pp}); "
              "use zero_stage 0 or 1")
-    need(p.pipeline_partition in ("parameters", "flops", "uniform"),
+    need(p.pipeline_partition in PIPELINE_PARTITIONS,
          f"parallel.pipeline_partition must be 'parameters', 'flops' or 'uniform', got '{p.pipeline_partition}'")
     if p.dp and p.tp * p.pp * p.dp != world_size:
         raise ConfigError(
@@ -436,7 +451,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     need(not (t.precision == "bf16" and p.zero_stage == 0),
          "train.precision=bf16 needs parallel.zero_stage >= 1 on DeepSpeed (its bf16 optimizer); "
          "use zero_stage 1 or precision fp32")
-    need(t.activation_checkpointing in ("none", "selective", "full"),
+    need(t.activation_checkpointing in ACTIVATION_CHECKPOINTING,
          f"train.activation_checkpointing must be none, selective or full, got '{t.activation_checkpointing}'")
     need(not (t.compile and p.tp > 1),
          "train.compile=true needs parallel.tp=1 (the tensor-parallel communication regions, with their "

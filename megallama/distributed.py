@@ -139,11 +139,13 @@ def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(timeout_s: float = 600.0) -> None:
+def init_distributed(timeout_s: float = 600.0, log=None) -> None:
     """Initialise torch.distributed through DeepSpeed (idempotent; wraps an existing group).
 
     ``timeout_s`` bounds every collective, so a rank that stops answering fails the job
-    instead of hanging it (``train.collective_timeout_s``).
+    instead of hanging it (``train.collective_timeout_s``).  Each rank then logs one line, its
+    rank and CPU threads (``threads_line``), to ``log`` (default stdout; commands whose stdout is
+    data pass stderr).
     """
     discover_srun(os.environ) or discover_mpi(os.environ)
     if world_size_from_env() == 1 and "RANK" not in os.environ:
@@ -157,11 +159,22 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     disable_cpu_shm_comm()
 
     global _USED_PROCESS_GROUP
-    _USED_PROCESS_GROUP = True
+    first, _USED_PROCESS_GROUP = not _USED_PROCESS_GROUP, True
     deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_s))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if first:
+        print(threads_line(), file=log or sys.stdout, flush=True)
+
+
+def threads_line() -> str:
+    """This rank's start-up line: who it is and how many CPU threads it runs (OMP_NUM_THREADS is
+    meant to be the cores per rank; slurm/env.sh sets it so)."""
+    omp = os.environ.get("OMP_NUM_THREADS")
+    return (f"rank {os.environ.get('RANK', '0')} of {os.environ.get('WORLD_SIZE', '1')} "
+            f"(local rank {os.environ.get('LOCAL_RANK', '0')}) on {socket.gethostname()}: "
+            f"{torch.get_num_threads()} CPU threads (OMP_NUM_THREADS={omp if omp is not None else 'unset'})")
 
 
 _USED_PROCESS_GROUP = False  # set once this process has joined a process group
@@ -220,7 +233,7 @@ class launched_group:
 
     def __enter__(self):
         if world_size_from_env() > 1:
-            init_distributed()
+            init_distributed(log=sys.stderr)
         return self
 
     def __exit__(self, *exc):

@@ -1,4 +1,6 @@
-"""DeepSpeed wiring: the DeepSpeed config derived from ours, the optimizer and the schedule.
+"""DeepSpeed wiring: the DeepSpeed config derived from ours, the optimizer, the schedule and the
+engine; the one module that reaches into DeepSpeed's internals (a DeepSpeed upgrade is checked
+here: the replica-norm clipping patches, the non-finite step guard, the checkpoint state access).
 
 One source of truth: batch sizes, accumulation, clipping, precision and ZeRO stage
 come from :class:`~megallama.config.Config`; a template from ``ds_configs/`` adds
@@ -13,15 +15,23 @@ schedule is our warmup + cosine, also an object.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 from pathlib import Path
 from typing import Iterable
 
 import torch
+import torch.distributed as dist
 
 from megallama.config import Config, gradient_accumulation_steps
 from megallama.errors import ConfigError
+from megallama.model import (PipelineLoss, Transformer, TransformerBlock, canonical_name, init_parameters,
+                             pipeline_layers)
+from parallel import gemm
+from parallel.grad import global_grad_norm
+from parallel.mpu import MPU
+from parallel.topology import ParallelContext
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
@@ -180,3 +190,119 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
 
     def get_lr(self):
         return [lr_at(self.last_epoch, self.cfg) for _ in self.optimizer.param_groups]
+
+
+# ----------------------------------------------------------------------------- the engine
+
+def build_engine(cfg: Config, ctx: ParallelContext):
+    """The model (or this rank's pipeline stage) with layout-independent init, wrapped by DeepSpeed."""
+    import deepspeed
+
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    try:
+        gemm.set_cpu_backend(t.cpu_gemm)
+    except ValueError as exc:
+        raise ConfigError(f"train.cpu_gemm={t.cpu_gemm}: {exc}") from None
+    if p.pp == 1:
+        model = Transformer(m, ctx, sequence_parallel=p.sequence_parallel, checkpointing=t.activation_checkpointing)
+        init_parameters(model.named_parameters(), m, t.seed, ctx)
+    else:
+        from parallel.pipeline import PipelineStages
+
+        specs, weights = pipeline_layers(m, ctx, p.sequence_parallel, t.activation_checkpointing,
+                                         p.pipeline_partition)
+        loss_fn = PipelineLoss()
+        model = PipelineStages(specs, weights, ctx, loss_fn, method=p.pipeline_partition)
+        loss_fn.bind(model)
+        init_parameters(((canonical_name(n, m.n_layers), w) for n, w in model.named_parameters()), m, t.seed, ctx)
+    if t.compile:
+        compile_blocks(model)
+    optimizer = build_optimizer(model, cfg)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=WarmupCosine(optimizer, cfg),
+        config=deepspeed_config(cfg, ctx.world_size), mpu=MPU(ctx) if p.pp == 1 else None)
+    if p.pp > 1 and not (engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization()):
+        _clip_by_replica_norm(engine, ctx)
+        if engine.gradient_clipping() == 0:
+            _report_unclipped_norm(engine, ctx)
+    return engine
+
+
+def _replica_norm(engine, ctx: ParallelContext) -> tuple[list, float]:
+    """The parameters holding gradients, and their norm over the whole replica (recorded as the
+    engine's, which the logs read)."""
+    params = [q for q in engine.module.parameters() if q.grad is not None]
+    engine._global_grad_norm = global_grad_norm(params, ctx)
+    return params, engine._global_grad_norm
+
+
+def _report_unclipped_norm(engine, ctx: ParallelContext) -> None:
+    """Pipeline stages in fp32 without ZeRO and with clipping off: DeepSpeed's pipeline engine then
+    computes no gradient norm (it does in its clipping and in every ZeRO optimizer), so measure it
+    before each step for the logs."""
+    step = engine.optimizer.step
+
+    def step_with_norm(*args, **kwargs):
+        _replica_norm(engine, ctx)
+        return step(*args, **kwargs)
+
+    engine.optimizer.step = step_with_norm
+
+
+def _clip_by_replica_norm(engine, ctx: ParallelContext) -> None:
+    """Pipeline stages without ZeRO in fp32: clip by the norm of the whole replica, and report it.
+
+    DeepSpeed clips these with ``clip_grad_norm_`` over its pipeline grid, whose "model parallel
+    rank" numbers the TP x PP ranks: a TP-replicated parameter (the norm weights) then counts on
+    the first stage only, and the norm it clipped with is never reported (``grad_norm`` null)."""
+    def clip_fp32_gradients():
+        params, norm = _replica_norm(engine, ctx)
+        coef = engine.gradient_clipping() / (norm + 1e-6)
+        if coef < 1.0:  # a non-finite norm comes from non-finite gradients: guard_nonfinite_steps skips the step
+            for p in params:
+                p.grad.detach().mul_(coef)
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """``torch.compile`` every transformer block in place (``train.compile``): one graph per block,
+    forward and backward, with the element-wise work around the matmuls fused. Parameters and
+    their names are unchanged, so checkpoints and DeepSpeed see the same module."""
+    for module in model.modules():
+        if isinstance(module, TransformerBlock):
+            module.compile()
+
+
+# ----------------------------------------------------------------------------- non-finite steps
+
+def guard_nonfinite_steps(optimizer, group=None) -> None:
+    """Make a plain torch optimizer skip steps with non-finite gradients, like DeepSpeed's own.
+
+    The flag is reduced (MAX) over ``group`` so tensor/pipeline shards agree; the skipped
+    step sets ``optimizer.overflow`` which DeepSpeed's engine reads to report
+    ``was_step_applied() == False`` and to hold the LR schedule back.
+    """
+    if hasattr(optimizer, "overflow"):
+        return  # DeepSpeed ZeRO / bf16 optimizers detect and skip overflow themselves
+    step = optimizer.step
+
+    @functools.wraps(step)
+    def checked_step(*args, **kwargs):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        bad = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
+        for g in grads:
+            bad = torch.maximum(bad, (~torch.isfinite(g)).any().float())
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+        optimizer.overflow = bool(bad.item())
+        if optimizer.overflow:
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        return step(*args, **kwargs)
+
+    optimizer.overflow = False
+    optimizer.step = checked_step
+
+
+# --- checkpoint state access (DeepSpeed internals) ---

@@ -9,6 +9,7 @@ created or overwritten.
 import sys
 
 EXIT_USAGE = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on SIGTERM/SIGUSR1 with a checkpoint saved; run the same command to resume
 
 
 def say(line: str) -> None:

@@ -2,10 +2,11 @@
 
 * Non-finite steps.  A NaN/Inf loss or gradient must not reach the weights.  DeepSpeed's
   ZeRO-1/2/3 and bf16 optimizers already skip such a step (they mark ``overflow``);
-  the plain torch optimizer used with ZeRO-0 in fp32 does not, so :func:`guard_nonfinite_steps`
-  gives it the same behaviour.  The loop then asks ``engine.was_step_applied()`` and
-  :class:`StepMonitor` counts skipped steps; ``train.max_bad_steps`` in a row stop the run
-  with :class:`TrainingHalted` (nothing is saved, so the last good checkpoint stays the latest).
+  the plain torch optimizer used with ZeRO-0 in fp32 does not, so
+  :func:`megallama.engine.guard_nonfinite_steps` gives it the same behaviour.  The loop then
+  asks ``engine.was_step_applied()`` and :class:`StepMonitor` counts skipped steps;
+  ``train.max_bad_steps`` in a row stop the run with :class:`TrainingHalted` (nothing is
+  saved, so the last good checkpoint stays the latest).
 * Dead or failing ranks.  Every rank keeps a heartbeat file ``<run_dir>/heartbeats/rank-NNNNN.json``
   (host, pid, last completed step).  When a step raises (a peer died and the collective broke,
   or a timeout fired) the rank prints one line naming itself, its last step and the peers that
@@ -26,7 +27,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -54,37 +54,6 @@ class FaultSpecError(UserError, ValueError):
 
 class TrainingHalted(RuntimeError):
     """Training stopped itself for a reason it can state in one line (exit status 3)."""
-
-
-# ----------------------------------------------------------------------------- non-finite steps
-
-def guard_nonfinite_steps(optimizer, group=None) -> None:
-    """Make a plain torch optimizer skip steps with non-finite gradients, like DeepSpeed's own.
-
-    The flag is reduced (MAX) over ``group`` so tensor/pipeline shards agree; the skipped
-    step sets ``optimizer.overflow`` which DeepSpeed's engine reads to report
-    ``was_step_applied() == False`` and to hold the LR schedule back.
-    """
-    if hasattr(optimizer, "overflow"):
-        return  # DeepSpeed ZeRO / bf16 optimizers detect and skip overflow themselves
-    step = optimizer.step
-
-    @functools.wraps(step)
-    def checked_step(*args, **kwargs):
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        bad = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
-        for g in grads:
-            bad = torch.maximum(bad, (~torch.isfinite(g)).any().float())
-        if dist.is_initialized() and dist.get_world_size(group) > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
-        optimizer.overflow = bool(bad.item())
-        if optimizer.overflow:
-            optimizer.zero_grad(set_to_none=True)
-            return None
-        return step(*args, **kwargs)
-
-    optimizer.overflow = False
-    optimizer.step = checked_step
 
 
 # ----------------------------------------------------------------------------- fault injection

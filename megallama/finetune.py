@@ -5,19 +5,17 @@ optimizer state, data position and learning-rate schedule, at any parallel layou
 checkpoint is resharded on load).  Resuming continues the *same* run and is what
 happens whenever ``train.run_dir`` already holds a checkpoint; ``--resume`` only makes
 that explicit (and fails when there is nothing to resume).  So a preempted finetune
-resumes from its own checkpoint, never re-initialises from ``init_from``.
+resumes from its own checkpoint, never re-initialises from ``init_from``.  Which start a
+run takes, and its checks, are :mod:`megallama.restore`'s.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
-from megallama.checkpoint import check_compatible, latest_checkpoint, load_checkpoint, read_meta
-from megallama.checkpoint import resolve as resolve_checkpoint
+from megallama.checkpoint import latest_checkpoint
 from megallama.config import Config
-from megallama.errors import CheckpointError, ConfigError
-from parallel.topology import ParallelContext
+from megallama.errors import ConfigError
 
 
 def add_finetune_arguments(p) -> None:
@@ -39,42 +37,3 @@ def finetune_config(cfg: Config, args) -> Config:
         raise ConfigError(f"--resume: train.run_dir '{cfg.train.run_dir}' holds no checkpoint to resume; "
                           "drop --resume to start a new run (or --init-from a checkpoint)")
     return cfg
-
-
-def resolve_init_from(path: str) -> Path:
-    """The checkpoint directory ``init_from`` names (a checkpoint, or a run directory's latest)."""
-    p = Path(path)
-    if (p / "config.json").is_file() and not (p / "meta.json").is_file():
-        raise CheckpointError(f"--init-from '{path}' is a Hugging Face model directory; convert it first with "
-                              "`megallama import-hf` and pass the converted checkpoint")
-    return resolve_checkpoint(p)
-
-
-def check_init_from(cfg: Config) -> None:
-    """The ``init_from`` checkpoint exists, is complete enough to read, and fits the model config
-    and ``data.tokenizer`` (checked before any process group or file exists)."""
-    ckpt = resolve_init_from(cfg.train.init_from)
-    meta = read_meta(ckpt)
-    check_compatible(meta, cfg, ckpt)
-    if cfg.data.tokenizer:
-        from megallama.data.tokenizer import Tokenizer
-
-        check_tokenizer(meta, ckpt, Tokenizer(cfg.data.tokenizer).fingerprint)
-
-
-def check_tokenizer(meta: dict, ckpt: Path, fingerprint, what: str = "--init-from") -> None:
-    theirs = meta.get("tokenizer_fingerprint")
-    if theirs and fingerprint and theirs != fingerprint:
-        raise CheckpointError(f"{what} '{ckpt}' was trained with another tokenizer (fingerprint {theirs}) "
-                              f"than data.tokenizer (fingerprint {fingerprint}); preprocess the data with the "
-                              "checkpoint's tokenizer.model")
-
-
-def init_weights_from(engine, params, cfg: Config, ctx: ParallelContext, tokenizer, verbose: bool) -> None:
-    """``train.init_from``: the checkpoint's weights, resharded to this layout; the optimizer
-    state, step, data position and schedule start fresh (a new run, unlike resuming)."""
-    ckpt = resolve_init_from(cfg.train.init_from)
-    check_tokenizer(read_meta(ckpt), ckpt, getattr(tokenizer, "fingerprint", None))
-    load_checkpoint(engine, params, cfg, ctx, ckpt, load_optimizer=False)
-    if verbose:
-        print(f"initialised weights from {ckpt}; new run from step 0", flush=True)

@@ -1,4 +1,4 @@
-"""Throughput, MFU and the console progress line.
+"""Throughput, MFU, the console progress line (:class:`Progress`) and what a run logs (:class:`RunLog`).
 
 MFU (model FLOPs utilisation, Chowdhery et al. 2022) = achieved model FLOP/s over
 the devices' peak.  Model FLOPs per token for training are ``6N + 12·L·d·s``:
@@ -15,13 +15,19 @@ unknown GPU) a measured large matmul of this process in the run's precision
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
 
 from megallama.config import Config
+
 
 def cpu_matmul_flops(n: int = 1024, repeats: int = 8, dtype: torch.dtype = torch.float32) -> dict:
     """FLOP/s of a large ``dtype`` matmul with this process's threads (best of ``repeats``) on each
@@ -122,3 +128,124 @@ class Progress:
 
     def mean_mfu(self) -> float:
         return self.mean_tokens_per_sec() * self.flops_per_token / (self.peak * self.devices)
+
+
+# ----------------------------------------------------------------------------- the run's logs
+
+@dataclass
+class Summary:
+    params: int
+    tokens: int
+    flops: float
+    steps: int
+    final_train_loss: float
+    final_valid_loss: Optional[float]
+    tokens_per_sec: float
+    mfu: float
+    data_wait_fraction: float
+    losses: list
+    grad_norms: list
+    bad_steps: int = 0  # non-finite steps skipped (no update applied)
+
+
+class RunLog:
+    """What a run records of its steps: each step's loss and gradient norm (on every rank, for
+    the :class:`Summary` that ``train()`` returns) and, where ``enabled`` (rank 0), the files in
+    ``train.run_dir``: TensorBoard events (``train.tensorboard``), ``metrics.jsonl`` (one line per
+    step) and at the end ``summary.json`` and ``config.yaml``.
+
+    A resume replays the steps after its checkpoint: the earlier session's events and lines of
+    those steps are dropped, so each step keeps one record."""
+
+    def __init__(self, cfg: Config, start_step: int, enabled: bool):
+        self.cfg, self.run_dir = cfg, Path(cfg.train.run_dir)
+        self.losses: list[float] = []
+        self.grad_norms: list[Optional[float]] = []
+        self.valid_loss: Optional[float] = None
+        self.data_wait, self.step_time = 0.0, 0.0
+        self.writer = self.lines = None
+        if enabled:
+            if cfg.train.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=start_step + 1)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.lines = _metrics_log(self.run_dir / "metrics.jsonl", start_step)
+
+    def step(self, step: int, loss: float, grad_norm: Optional[float], lr: float, data_wait: float,
+             step_time: float, scalars: dict) -> None:
+        """Record one training step; ``scalars`` go to TensorBoard as they are."""
+        self.losses.append(loss)
+        self.grad_norms.append(grad_norm)
+        self.data_wait, self.step_time = self.data_wait + data_wait, self.step_time + step_time
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+        if self.lines is not None:
+            self.lines.write(json.dumps(json_safe({"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr}),
+                                        allow_nan=False) + "\n")
+            self.lines.flush()
+
+    def valid(self, step: int, loss: float) -> None:
+        self.valid_loss = loss
+        if self.writer is not None:
+            self.writer.add_scalar("valid/loss", loss, step)
+            self.writer.add_scalar("valid/perplexity", float(torch.tensor(loss).exp()), step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def summary(self, tokens: int, steps: int, progress: Progress, bad_steps: int) -> Summary:
+        return Summary(params=self.cfg.model.num_parameters(), tokens=tokens,
+                       flops=float(tokens * progress.flops_per_token), steps=steps,
+                       final_train_loss=self.losses[-1], final_valid_loss=self.valid_loss,
+                       tokens_per_sec=progress.mean_tokens_per_sec(), mfu=progress.mean_mfu(),
+                       data_wait_fraction=self.data_wait / max(self.step_time, 1e-9), losses=self.losses,
+                       grad_norms=self.grad_norms, bad_steps=bad_steps)
+
+    def finish(self, summary: Summary) -> None:
+        """``summary.json`` (atomically) and ``config.yaml``; closes the logs."""
+        if self.lines is None:
+            return
+        import yaml
+
+        tmp = self.run_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(json_safe(dict(summary.__dict__)), indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, self.run_dir / "summary.json")
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        self.lines.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _metrics_log(path: Path, start_step: int):
+    """``metrics.jsonl`` opened for appending, without the lines of steps after ``start_step``: a
+    resume replays them, and each step keeps one line (a torn last line of a killed run goes too)."""
+    if path.is_file():
+        text, kept = path.read_text(), []
+        lines = text.splitlines()
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= start_step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+        if len(kept) == len(lines) and text.endswith("\n"):
+            return open(path, "a")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return open(path, "a")
+
+
+def json_safe(x):
+    """``x`` with every non-finite float (the loss of a skipped step) as None: strict JSON (``null``),
+    which jq and other parsers read, where ``NaN``/``Infinity`` are not JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x

@@ -4,13 +4,11 @@ Tensor-parallel (TP) regions, along the last (hidden) dimension::
 
     copy_to_tp          forward: identity            backward: all-reduce
     reduce_from_tp      forward: all-reduce          backward: identity
-    scatter_to_tp       forward: keep own chunk      backward: all-gather
     gather_from_tp      forward: all-gather          backward: keep own chunk
 
 Sequence-parallel (SP) regions, along dimension 0 (activations are sequence-first,
 ``[s, b, h]``, so these collectives work on contiguous memory)::
 
-    scatter_to_sp               forward: keep own chunk   backward: all-gather
     gather_from_sp              forward: all-gather       backward: reduce-scatter
     reduce_scatter_to_sp        forward: reduce-scatter   backward: all-gather
 
@@ -132,17 +130,6 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
-class _ScatterToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_last(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_last(grad, ctx.group), None
-
-
 class _GatherFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
@@ -155,17 +142,6 @@ class _GatherFromTP(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- SP regions
-
-class _ScatterToSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_dim0(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather_dim0(grad, ctx.group), None
-
 
 class _GatherFromSP(torch.autograd.Function):
     @staticmethod
@@ -199,16 +175,8 @@ def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x if group_size(group) == 1 else _ReduceFromTP.apply(x, group)
 
 
-def scatter_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _ScatterToTP.apply(x, group)
-
-
 def gather_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x if group_size(group) == 1 else _GatherFromTP.apply(x, group)
-
-
-def scatter_to_sp(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _ScatterToSP.apply(x, group)
 
 
 def gather_from_sp(x: torch.Tensor, group: Group, reduce_grad: bool = True) -> torch.Tensor:

@@ -122,9 +122,6 @@ class CommCounter:
     def count(self, op: str, numel: int | None = None) -> int:
         return sum(1 for c in self.calls if c.op == op and (numel is None or c.numel == numel))
 
-    def total_bytes(self) -> int:
-        return sum(c.bytes for c in self.calls)
-
     def sent_bytes(self) -> float:
         """Bytes this rank put on the wire (:attr:`Call.sent` summed)."""
         return sum(c.sent for c in self.calls)

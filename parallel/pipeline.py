@@ -40,7 +40,3 @@ class PipelineStages(PipelineModule):
         stage = self._topo.get_coord(self.global_rank).pipe
         self.parts = partition(self._layer_weights, self.num_stages, method)
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
-
-    def local_layer_names(self) -> list[tuple[int, str]]:
-        """(global layer index, module name) of this stage's layers."""
-        return [(i, str(i)) for i in range(self._local_start, self._local_stop)]

@@ -17,10 +17,38 @@ if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
   export MASTER_ADDR MASTER_PORT
 fi
 
-# --- CPU threads ---------------------------------------------------------------------------
-# One rank per GPU: give each rank its share of the node's cores, never all of them.
-: "${OMP_NUM_THREADS:=${SLURM_CPUS_PER_TASK:-1}}"
-export OMP_NUM_THREADS
+# --- ranks and CPU threads per node -----------------------------------------------------------
+# Sized from the allocation, never hard-coded: ranks per node are MEGALLAMA_RANKS_PER_NODE, else
+# sbatch's --ntasks-per-node (or --ntasks spread over the nodes), else the node's GPUs
+# (--gpus-per-node), else 1.  Each rank gets an equal share of the CPUs the job holds on the node
+# (SLURM_CPUS_ON_NODE): srun's --cpus-per-task and OMP_NUM_THREADS, the threads per rank.
+megallama_refuse() { echo "megallama: $*" >&2; exit 2; }
+if [ -n "${MEGALLAMA_GPUS_PER_NODE:-}" ]; then
+  megallama_refuse "MEGALLAMA_GPUS_PER_NODE is now MEGALLAMA_RANKS_PER_NODE; export that instead"
+fi
+MEGALLAMA_NODES=${SLURM_JOB_NUM_NODES:-1}
+if [ -z "${MEGALLAMA_RANKS_PER_NODE:-}" ]; then
+  if [ -n "${SLURM_NTASKS_PER_NODE:-}" ]; then
+    MEGALLAMA_RANKS_PER_NODE=$SLURM_NTASKS_PER_NODE
+  elif [ -n "${SLURM_NTASKS:-}" ]; then
+    [ $((SLURM_NTASKS % MEGALLAMA_NODES)) -eq 0 ] || megallama_refuse "--ntasks=$SLURM_NTASKS does not divide" \
+      "over $MEGALLAMA_NODES nodes; submit with --ntasks-per-node=N (ranks per node) instead"
+    MEGALLAMA_RANKS_PER_NODE=$((SLURM_NTASKS / MEGALLAMA_NODES))
+  else
+    MEGALLAMA_RANKS_PER_NODE=${SLURM_GPUS_ON_NODE:-1}
+  fi
+fi
+[[ "$MEGALLAMA_RANKS_PER_NODE" =~ ^[1-9][0-9]*$ ]] || megallama_refuse \
+  "MEGALLAMA_RANKS_PER_NODE='$MEGALLAMA_RANKS_PER_NODE' is not a positive number of ranks; fix or unset it"
+MEGALLAMA_CPUS_ON_NODE=${SLURM_CPUS_ON_NODE:-$(nproc)}
+if [ "$MEGALLAMA_RANKS_PER_NODE" -gt "$MEGALLAMA_CPUS_ON_NODE" ]; then
+  megallama_refuse "$MEGALLAMA_RANKS_PER_NODE ranks per node but the job holds $MEGALLAMA_CPUS_ON_NODE CPUs" \
+    "on the node; ask for fewer ranks (sbatch --ntasks-per-node=$MEGALLAMA_CPUS_ON_NODE or" \
+    "MEGALLAMA_RANKS_PER_NODE=$MEGALLAMA_CPUS_ON_NODE) or more CPUs (--cpus-per-task, --exclusive)"
+fi
+MEGALLAMA_CPUS_PER_RANK=$((MEGALLAMA_CPUS_ON_NODE / MEGALLAMA_RANKS_PER_NODE))
+: "${OMP_NUM_THREADS:=$MEGALLAMA_CPUS_PER_RANK}"
+export MEGALLAMA_RANKS_PER_NODE MEGALLAMA_CPUS_PER_RANK OMP_NUM_THREADS
 
 # --- NCCL and the network (GPU clusters) -----------------------------------------------------
 # Only exported when set, so NCCL's own autodetection stays in charge otherwise.

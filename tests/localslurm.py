@@ -19,15 +19,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from megallama.distributed import free_port
+
 
 class Unavailable(RuntimeError):
     """SLURM cannot be started here; the message says which piece is missing."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _munge_works(env: dict) -> bool:
@@ -42,7 +38,7 @@ def _munge_works(env: dict) -> bool:
 class LocalSlurm:
     """slurmctld + slurmd + munged on localhost; ``env`` points the client commands at it."""
 
-    CPUS = 4  # advertised (config_overrides): room for two 1-CPU tasks plus the batch step
+    CPUS = 2  # advertised (config_overrides): a small node; the scripts size themselves from it
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -109,8 +105,8 @@ class LocalSlurm:
         return f"""\
 ClusterName=megallama-test
 SlurmctldHost={self.host}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge

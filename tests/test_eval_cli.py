@@ -18,11 +18,7 @@ from megallama.generation import SamplingParams, generate
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Until cli.py registers them, run the subcommands through the CLI with the two entries added.
-RUNNER = ("import sys; from megallama import cli; "
-          "cli.SUBCOMMANDS.setdefault('eval', ('megallama.commands.eval', 'evaluate')); "
-          "cli.SUBCOMMANDS.setdefault('generate', ('megallama.commands.generate', 'sample')); "
-          "sys.exit(cli.main())")
+RUNNER = "import sys; from megallama import cli; sys.exit(cli.main())"
 
 
 @pytest.fixture(scope="module")

@@ -115,7 +115,7 @@ def test_logits_and_gradients_equal_hf_on_the_gpu():
 
 
 def test_compiled_blocks_equal_eager_on_the_gpu():
-    from megallama.train import compile_blocks
+    from megallama.engine import compile_blocks
 
     cfg = _cfg()
     tokens = _tokens(cfg, seed=2).cuda()

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from megallama import kernels
-from megallama.model import RMSNorm, _RMSNormFunction
+from megallama.kernels import _RMSNormFunction
+from megallama.model import RMSNorm
 from parallel.topology import ParallelContext
 
 

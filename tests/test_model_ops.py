@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from megallama.config import preset_config
 from megallama.convert import hf_config, ours_to_hf
-from megallama.model import _RMSNormFunction, _SwiGLUFunction, apply_rotary, build_model, rotary_qkv, rotary_tables
+from megallama.kernels import _RMSNormFunction, _SwiGLUFunction, apply_rotary, rotary_qkv
+from megallama.model import build_model, rotary_tables
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 
@@ -128,7 +129,7 @@ def test_parameter_gradients_equal_hf(kv_heads):
 
 
 def test_backward_buffers_are_reused_only_when_free():
-    from megallama.model import _Reusable
+    from megallama.kernels import _Reusable
 
     cache = _Reusable(max_entries=2)
     a = cache.empty((64, 32), torch.float32, torch.device("cpu"))

@@ -294,6 +294,64 @@ def test_shards_partition_the_grid(env):
     assert len(first) == 3 and sorted(calls()) == sorted(r.name for r in sweep.load_grid(tmp_path / "grid.yaml"))
 
 
+# a trainer that, like megallama train, checkpoints on SIGUSR1 and exits 75, and resumes from its checkpoint
+FAKE_PREEMPTIBLE = textwrap.dedent("""
+    import json, os, signal, sys, time, yaml
+    run_dir = yaml.safe_load(open(sys.argv[3]))["train"]["run_dir"]
+    name, ckpt = os.path.basename(run_dir), os.path.join(run_dir, "checkpoints", "latest")
+    got = []
+    signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
+    with open(os.environ["FAKE_LOG"], "a") as f:
+        f.write(f"{name}:{'resumed' if os.path.isfile(ckpt) else 'fresh'}\\n")
+    if not os.path.isfile(ckpt) and name == os.environ["FAKE_WAIT"]:
+        os.makedirs(os.path.dirname(ckpt))
+        open(os.environ["FAKE_READY"], "w").close()
+        deadline = time.monotonic() + 60
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.02)
+        open(ckpt, "w").write("step_00000001")
+        sys.exit(75 if got else 1)
+    os.makedirs(run_dir, exist_ok=True)
+    json.dump(dict(params=1, tokens=2, flops=3.0, steps=4, final_train_loss=5.0, final_valid_loss=6.0),
+              open(os.path.join(run_dir, "summary.json"), "w"))
+""")
+
+
+def test_preempted_sweep_passes_the_signal_on_stops_with_75_and_resumes_the_run(tmp_path):
+    """SIGUSR1 to `megallama sweep` (what slurm/sweep_array.sbatch forwards before a time limit)
+    reaches the running trainer, which checkpoints and exits 75; the sweep starts no further run
+    and exits 75.  The same command then resumes that run from its checkpoint (not moved aside as
+    a failed attempt) and runs the rest."""
+    import signal
+    import time
+
+    fake, grid, ready, log = (tmp_path / n for n in ("fake.py", "grid.yaml", "ready", "calls.log"))
+    fake.write_text(FAKE_PREEMPTIBLE)
+    grid.write_text(yaml.safe_dump(GRID))
+    names = [r.name for r in sweep.load_grid(grid)]
+    env = dict(__import__("os").environ, FAKE_LOG=str(log), FAKE_READY=str(ready), FAKE_WAIT=names[1])
+    cmd = [sys.executable, "-m", "megallama", "sweep", "--grid", str(grid), "--output", str(tmp_path / "out"),
+           "--launcher", f"{shlex.quote(sys.executable)} {shlex.quote(str(fake))}"]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert time.monotonic() < deadline and p.poll() is None, p.communicate()[0]
+            time.sleep(0.02)
+        p.send_signal(signal.SIGUSR1)
+        out = p.communicate(timeout=60)[0]
+    finally:
+        p.kill()
+    assert p.returncode == 75, out
+    assert log.read_text().split() == [f"{names[0]}:fresh", f"{names[1]}:fresh"], out
+    assert "run the same command to resume" in out
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert log.read_text().split()[2:] == [f"{names[1]}:resumed"] + [f"{n}:fresh" for n in names[2:]]
+    assert not list((tmp_path / "out" / "runs").glob("*.attempt-*"))
+    assert len(sweep_results(tmp_path)) == len(names)
+
+
 def test_flops_budgets_set_tokens_from_flops_per_token(tmp_path):
     grid = dict(GRID, flops=[1e9])
     del grid["tokens"], grid["lr"]

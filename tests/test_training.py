@@ -89,7 +89,7 @@ def test_offload_template_takes_its_stage_from_the_config():
 def test_template_errors_come_before_any_process_group(monkeypatch, tmp_path):
     import argparse
 
-    import megallama.train as mt
+    import megallama.commands.train as mt
 
     monkeypatch.setattr(mt, "train", lambda cfg: pytest.fail("train() started before the template was checked"))
     parser = argparse.ArgumentParser()

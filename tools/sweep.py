@@ -8,8 +8,12 @@ Every run is the real trainer in its own process::
 The trainer writes ``summary.json`` (params, tokens, flops, steps, final train and
 validation loss) at the end; a run whose summary exists is finished and skipped, so
 an interrupted sweep resumes where it stopped.  ``--shard I/N`` runs every N-th run
-(for N independent processes, e.g. a Slurm array); ``--gather-only`` only rebuilds
-``DIR/results.csv`` from the summaries present.
+(for N independent processes, e.g. a Slurm array: slurm/sweep_array.sbatch); ``--gather-only``
+only rebuilds ``DIR/results.csv`` from the summaries present.
+
+Preemption: SIGUSR1 or SIGTERM (SLURM's warning before a time limit or a requeue) is passed on
+to the running trainer, which saves a checkpoint and exits 75; the sweep then starts no further
+run and exits 75 itself.  The same command later resumes that run from its checkpoint.
 
 Grid YAML (see megallama/configs/sweep_default.yaml)::
 
@@ -36,6 +40,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +49,7 @@ from typing import Optional
 import yaml
 
 from megallama.config import Config, _deep_update, config_from_dict, preset_config, validate
-from megallama.errors import ConfigError, UserError
+from megallama.errors import EXIT_PREEMPTED, ConfigError, UserError
 from megallama.hardware import read_yaml_mapping
 
 DEFAULT_GRID = Path(__file__).resolve().parent.parent / "megallama" / "configs" / "sweep_default.yaml"
@@ -156,18 +161,51 @@ def _make_run(path: Path, base: dict, model: str, overrides: dict, budget_key: s
 
 # ----------------------------------------------------------------------------- running
 
-def run_one(run: SweepRun, out: Path, launcher: list[str]) -> bool:
-    """Train one run unless its summary exists; True when it is finished.
+class Preemption:
+    """SIGUSR1/SIGTERM while the sweep runs: recorded, and passed on to the running trainer (which
+    checkpoints at its next step boundary and exits 75).  ``install()`` before the first run."""
 
-    ``runs/<name>/`` belongs to the trainer (it refuses a non-empty run directory), so
-    the sweep keeps its per-run config and log in ``sweep/``.  A run directory without
-    a summary is what an earlier failed or interrupted attempt left: it is moved to
-    ``runs/<name>.attempt-K`` (kept for inspection) and the run starts afresh.
+    def __init__(self):
+        self.signal = 0
+        self.child: Optional[subprocess.Popen] = None
+
+    def install(self) -> "Preemption":
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signum)
+
+    def run(self, cmd: list[str], log) -> int:
+        """Run ``cmd`` (output to ``log``) as the child the signals go to; its exit status."""
+        self.child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if self.signal:  # arrived between the fork and the assignment
+            self.child.send_signal(self.signal)
+        try:
+            return self.child.wait()
+        finally:
+            self.child = None
+
+
+def run_one(run: SweepRun, out: Path, launcher: list[str], preemption: Optional[Preemption] = None) -> int:
+    """Train one run unless its summary exists; 0 when it is finished, else the trainer's exit
+    status (EXIT_PREEMPTED: it saved a checkpoint on a signal).
+
+    ``runs/<name>/`` belongs to the trainer (it refuses a non-empty run directory without a
+    checkpoint), so the sweep keeps its per-run config and log in ``sweep/``.  A run directory
+    with a checkpoint but no summary (a preempted or crashed run) is resumed from it, as the
+    trainer resumes any run directory.  One without a checkpoint is what an earlier attempt
+    left before its first save: it is moved to ``runs/<name>.attempt-K`` (kept for inspection)
+    and the run starts afresh.
     """
     run_dir = out / "runs" / run.name
     if (run_dir / "summary.json").is_file():
-        return True
-    if run_dir.exists():
+        return 0
+    resuming = (run_dir / "checkpoints" / "latest").is_file()  # megallama.checkpoint's pointer to the newest save
+    if run_dir.exists() and not resuming:
         k = 1
         while run_dir.with_name(f"{run.name}.attempt-{k}").exists():
             k += 1
@@ -180,13 +218,17 @@ def run_one(run: SweepRun, out: Path, launcher: list[str]) -> bool:
     _write_atomic(cfg_path, yaml.safe_dump(config, sort_keys=False))
     cmd = [*launcher, "train", "--config", str(cfg_path)]
     log_path = own / f"{run.name}.log"
-    print(f"[sweep] {run.name}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    print(f"[sweep] {run.name}: {'resuming from its checkpoint: ' if resuming else ''}"
+          f"{' '.join(shlex.quote(c) for c in cmd)}", flush=True)
     with open(log_path, "a") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        rc = (preemption or Preemption()).run(cmd, log)
+    if rc == EXIT_PREEMPTED:
+        print(f"[sweep] {run.name}: checkpointed on a signal (exit {rc}); the same command resumes it", flush=True)
+        return rc
     if rc != 0 or not (run_dir / "summary.json").is_file():
         print(f"[sweep] {run.name}: FAILED (exit {rc}); see {log_path}", flush=True)
-        return False
-    return True
+        return rc or 1
+    return 0
 
 
 def gather(runs: list[SweepRun], out: Path) -> int:

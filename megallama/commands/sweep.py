@@ -6,8 +6,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from megallama.errors import UserError
-from tools.sweep import DEFAULT_GRID, gather, load_grid, run_one
+from megallama.errors import EXIT_PREEMPTED, UserError
+from tools.sweep import DEFAULT_GRID, Preemption, gather, load_grid, run_one
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
@@ -43,13 +43,25 @@ def run(args) -> int:
             print(f"{r.name:<28}steps={t['steps']:<7}tokens={t['tokens']}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    failed = []
+    failed, preempted = [], False
+    preemption = Preemption()
     if not args.gather_only:
+        preemption.install()  # SLURM's preemption signals go to the running trainer (tools/sweep.py)
         for run_ in runs[shard::shards]:
-            if not run_one(run_, out, launcher):
+            if preemption.signal:
+                preempted = True
+                break
+            status = run_one(run_, out, launcher, preemption)
+            if status == EXIT_PREEMPTED or preemption.signal:
+                preempted = True
+                break
+            if status:
                 failed.append(run_.name)
     done = gather(runs, out)
     print(f"[sweep] {done}/{len(runs)} runs finished; results in {out / 'results.csv'}")
+    if preempted:
+        print("[sweep] stopped on a preemption signal; run the same command to resume", flush=True)
+        return EXIT_PREEMPTED
     if failed:
         print(f"[sweep] {len(failed)} failed: {', '.join(failed)} (re-run the same command to retry)")
         return 1

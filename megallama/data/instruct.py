@@ -31,7 +31,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Sequence
 
 import numpy as np
 
@@ -354,44 +354,3 @@ def split_instruct_batch(batch):
     tokens, mask, docs = batch[:, 0], batch[:, 1], batch[:, 2]
     return ((tokens[:, :-1].contiguous(), docs[:, :-1].contiguous()),
             (tokens[:, 1:].contiguous(), mask[:, 1:].contiguous()))
-
-
-def build_instruct_datasets(cfg):
-    """Train/valid :class:`InstructDataset` of ``data.sources`` (blended by weight), as a DataBundle."""
-    from megallama.data.gpt_dataset import BlendedDataset
-    from megallama.data.pipeline import SPLITS, DataBundle, SourcePlan, check_sources, split_documents
-
-    d, t = cfg.data, cfg.train
-    if not d.sources or not d.tokenizer:
-        raise ConfigError("data.instruction needs data.sources (prefixes written by `megallama preprocess-instruct`) "
-                          "and data.tokenizer (the .model they were made with)")
-    if not 0 <= d.valid_fraction < 1:
-        raise ConfigError(f"data.valid_fraction must be in [0, 1), got {d.valid_fraction}")
-    check_sources(d.sources, "megallama preprocess-instruct")
-    tok = Tokenizer(d.tokenizer)
-    if cfg.model.vocab_size < tok.vocab_size:
-        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the vocabulary of "
-                          f"'{d.tokenizer}' ({tok.vocab_size}); set model.vocab_size to at least {tok.vocab_size}")
-    weights = [s.weight for s in d.sources]
-    n_train, n_valid = t.total_steps() * t.global_batch_size, max(1, t.eval_iters) * t.global_batch_size
-    need = {"train": BlendedDataset.samples_needed(weights, n_train)}
-    if d.valid_fraction > 0:
-        need["valid"] = BlendedDataset.samples_needed(weights, n_valid)
-    parts: dict = {split: [] for split in need}
-    for i, s in enumerate(d.sources):
-        examples = InstructionSet(s.path)
-        examples.tokens.check_tokenizer(tok.vocab_size, tok.fingerprint, d.tokenizer)
-        ids = dict(zip(("train", "valid"), split_documents(len(examples), d.valid_fraction, s.path)))
-        for split, counts in need.items():
-            parts[split].append(InstructDataset(examples, ids[split], t.seq_len, max(1, int(counts[i])), d.packing,
-                                                (t.seed, i, SPLITS[split]), tok.eos_id))
-
-    def blend(split: str, n: int) -> Optional[object]:
-        if split not in parts:
-            return None
-        return parts[split][0] if len(parts[split]) == 1 else BlendedDataset(parts[split], weights, n)
-
-    plan = [SourcePlan(s.name or Path(s.path).name, w / sum(weights), int(ds.examples.tokens.num_tokens),
-                       int(n) * t.seq_len) for s, w, ds, n in zip(d.sources, weights, parts["train"], need["train"])]
-    return DataBundle(train=blend("train", n_train), valid=blend("valid", n_valid), tokenizer=tok,
-                      tokenizer_path=d.tokenizer, plan=plan)

@@ -26,6 +26,7 @@ from megallama.data.cache import build_once, cache_root
 from megallama.data.config import DataSource
 from megallama.data.gpt_dataset import BlendedDataset, GPTDataset
 from megallama.data.indexed import IndexedDataset
+from megallama.data.instruct import InstructDataset, InstructionSet
 from megallama.data.tokenizer import SETTINGS, Tokenizer
 from megallama.errors import ConfigError, DataError, UserError, say
 
@@ -188,8 +189,6 @@ def _blend(parts: List[GPTDataset], weights: Sequence[float], num_samples: int):
 def build_datasets(cfg) -> DataBundle:
     """Train and valid datasets for ``cfg`` (a megallama.config.Config), sized for the whole run."""
     if cfg.data.instruction:
-        from megallama.data.instruct import build_instruct_datasets
-
         return build_instruct_datasets(cfg)
     _check_config(cfg)
     d, t = cfg.data, cfg.train
@@ -222,6 +221,44 @@ def build_datasets(cfg) -> DataBundle:
     return DataBundle(train=_blend(parts["train"], weights, n_train),
                       valid=_blend(parts["valid"], weights, n_valid) if "valid" in parts else None,
                       tokenizer=tok, tokenizer_path=tok_path, plan=plan)
+
+
+def build_instruct_datasets(cfg):
+    """Train/valid :class:`InstructDataset` of ``data.sources`` (blended by weight), as a DataBundle."""
+    d, t = cfg.data, cfg.train
+    if not d.sources or not d.tokenizer:
+        raise ConfigError("data.instruction needs data.sources (prefixes written by `megallama preprocess-instruct`) "
+                          "and data.tokenizer (the .model they were made with)")
+    if not 0 <= d.valid_fraction < 1:
+        raise ConfigError(f"data.valid_fraction must be in [0, 1), got {d.valid_fraction}")
+    check_sources(d.sources, "megallama preprocess-instruct")
+    tok = Tokenizer(d.tokenizer)
+    if cfg.model.vocab_size < tok.vocab_size:
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the vocabulary of "
+                          f"'{d.tokenizer}' ({tok.vocab_size}); set model.vocab_size to at least {tok.vocab_size}")
+    weights = [s.weight for s in d.sources]
+    n_train, n_valid = t.total_steps() * t.global_batch_size, max(1, t.eval_iters) * t.global_batch_size
+    need = {"train": BlendedDataset.samples_needed(weights, n_train)}
+    if d.valid_fraction > 0:
+        need["valid"] = BlendedDataset.samples_needed(weights, n_valid)
+    parts: dict = {split: [] for split in need}
+    for i, s in enumerate(d.sources):
+        examples = InstructionSet(s.path)
+        examples.tokens.check_tokenizer(tok.vocab_size, tok.fingerprint, d.tokenizer)
+        ids = dict(zip(("train", "valid"), split_documents(len(examples), d.valid_fraction, s.path)))
+        for split, counts in need.items():
+            parts[split].append(InstructDataset(examples, ids[split], t.seq_len, max(1, int(counts[i])), d.packing,
+                                                (t.seed, i, SPLITS[split]), tok.eos_id))
+
+    def blend(split: str, n: int) -> Optional[object]:
+        if split not in parts:
+            return None
+        return parts[split][0] if len(parts[split]) == 1 else BlendedDataset(parts[split], weights, n)
+
+    plan = [SourcePlan(s.name or Path(s.path).name, w / sum(weights), int(ds.examples.tokens.num_tokens),
+                       int(n) * t.seq_len) for s, w, ds, n in zip(d.sources, weights, parts["train"], need["train"])]
+    return DataBundle(train=blend("train", n_train), valid=blend("valid", n_valid), tokenizer=tok,
+                      tokenizer_path=d.tokenizer, plan=plan)
 
 
 def micro_batches(dataset, consumed_samples: int, global_batch_size: int, micro_batch_size: int,

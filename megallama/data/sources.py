@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,11 +154,6 @@ def output_error(path, option: str, exc) -> DataError:
     else:
         reason = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
     return DataError(f"cannot write {option} '{path}' ({reason}); choose a {option} in a writable directory")
-
-
-def input_bytes(paths: Iterable[Path]) -> int:
-    """Total on-disk size of the input files (for progress percentages)."""
-    return sum(os.path.getsize(p) for p in paths)
 
 
 def add_input_arguments(p) -> None:

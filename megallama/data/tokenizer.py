@@ -133,10 +133,6 @@ def sample_chunks(texts: Iterable[str], sample_chars: int, seed: int) -> List[st
     return [c for _, c in sorted(reservoir)]
 
 
-def minimum_vocab_size(alphabet_size: int) -> int:
-    return NUM_BYTE_PIECES + NUM_SPECIAL + alphabet_size + 1
-
-
 def train_tokenizer(texts: Iterable[str], vocab_size: int, output_prefix: str, sample_mb: float = 64.0,
                     seed: int = 1234, force: bool = False, threads: int = 0) -> Path:
     """Train a BPE model on a bounded sample of ``texts``; write PREFIX.model and PREFIX.vocab atomically."""

@@ -197,12 +197,13 @@ def _load_hf(path: str, device: str, dtype: Optional[torch.dtype]) -> HFAdapter:
 def _check_tensor_parallel(cfg, tp: int, path) -> None:
     """Under a launcher every rank is one tensor-parallel shard: the heads, key/value heads and FFN
     rows must split evenly over the ranks (one line, not a traceback deep in the first forward)."""
-    sizes = {"model.n_heads": cfg.n_heads, "model.n_kv_heads": cfg.kv_heads, "the FFN hidden size": cfg.ffn_hidden}
-    bad = [f"{name} ({n})" for name, n in sizes.items() if n % tp]
+    from megallama.config import tensor_parallel_sizes, tensor_parallel_uneven
+
+    bad = tensor_parallel_uneven(cfg, tp)
     if bad:
-        ok = [d for d in range(1, cfg.kv_heads + 1) if all(n % d == 0 for n in sizes.values())]
         raise CheckpointError(f"checkpoint {path} cannot run tensor-parallel over {tp} ranks: {', '.join(bad)} "
-                              f"not divisible by {tp}; launch it on {' or '.join(map(str, ok))} rank(s)")
+                              f"not divisible by {tp}; launch it on "
+                              f"{' or '.join(map(str, tensor_parallel_sizes(cfg)))} rank(s)")
 
 
 def load_megallama_checkpoint(path: str, device: str, dtype: Optional[torch.dtype]) -> MegallamaAdapter:

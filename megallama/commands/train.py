@@ -1,0 +1,61 @@
+"""`megallama train`: pretrain (or finetune) a model; the loop itself is :func:`megallama.train.train`.
+
+Everything a user can get wrong is checked here, before any process group or file exists:
+the config, the DeepSpeed template, the run directory and what it holds, the input files.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megallama.config import Config, add_config_arguments, config_from_args
+from megallama.distributed import shutdown, world_size_from_env
+from megallama.engine import deepspeed_config
+from megallama.errors import ConfigError, UserError, say
+from megallama.faults import EXIT_HALTED, Faults, TrainingHalted, report_failure
+from megallama.finetune import add_finetune_arguments, finetune_config
+from megallama.preflight import check_inputs
+from megallama.restore import check_start
+from megallama.train import EXIT_PREEMPTED, train
+
+
+def add_arguments(p):
+    add_config_arguments(p)
+    add_finetune_arguments(p)
+
+
+def run(args) -> int:
+    world = world_size_from_env()
+    cfg = finetune_config(config_from_args(args, world, default_preset="demo"), args)
+    check_environment(cfg)
+    deepspeed_config(cfg, world)  # a bad or contradicting ds_template: one line before any process group
+    together = False  # whether every rank reaches the end, so they can leave the group in step
+    try:
+        train(cfg)
+        together = True
+    except SystemExit as exc:
+        together = exc.code == EXIT_PREEMPTED  # every rank agreed on the stop and saved
+        return int(exc.code or 0)
+    except TrainingHalted as exc:
+        say(f"megallama train: error: {exc}")
+        return EXIT_HALTED
+    except UserError:
+        raise  # already one actionable line (exit 2)
+    except Exception as exc:
+        report_failure(cfg.train.run_dir, exc)
+        raise
+    finally:
+        shutdown(barrier=together)
+    return 0
+
+
+def check_environment(cfg: Config) -> None:
+    """Checks that need the machine, done before any process group or file exists."""
+    Faults.from_env(0)  # a malformed MEGALLAMA_FAULT: one line now, not a traceback on every rank later
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.precision=fp16 needs a GPU (no fp16 loss scaling on DeepSpeed's CPU backend); "
+                          "use bf16 or fp32 on CPU")
+    check_start(cfg)  # the run directory, and the checkpoint the run resumes or starts from
+    check_inputs(cfg)
+
+
