@@ -509,3 +509,37 @@ def test_config_checks():
         source_steps("web", StepsConfig(lid_threshold=2))
     with pytest.raises(ConfigError, match="--source must be one of web, c4, code, wiki, books, arxiv, qa"):
         source_steps("news", StepsConfig())
+
+
+def test_every_step_reachable_from_command_line_values(tmp_path):
+    """``megallama curate`` offers each StepsConfig field as --field-name with its metadata help and passes
+    the values as the command line gives them (lists of strings, "" for no file): they are converted here
+    and every optional step of every source is switched on by a setting alone."""
+    import dataclasses
+
+    from megallama.errors import ConfigError
+
+    assert all(f.metadata.get("help") for f in dataclasses.fields(StepsConfig))
+    arpa = tmp_path / "tiny.arpa"
+    arpa.write_text(ARPA)
+    words = tmp_path / "badwords.txt"
+    words.write_text("casino\n")
+    cfg = StepsConfig(languages=["en", "de"], lid_model="", lm_model=str(arpa), lm_cutoffs=["30", "60.5"],
+                      lm_buckets=["head"], badwords=str(words), licenses=["mit"], lm_tokenizer="")
+    assert (cfg.languages, cfg.lm_cutoffs, cfg.lm_buckets, cfg.licenses) == (("en", "de"), (30.0, 60.5), ("head",),
+                                                                             ("mit",))
+    assert cfg.lid_model is None and cfg.lm_tokenizer is None
+    assert cfg == StepsConfig(**dataclasses.asdict(cfg))  # a plan file's JSON round trip (tuples as lists)
+    names = {s: [step.name for step in source_steps(s, cfg)] for s in ("web", "c4", "code", "wiki", "arxiv", "qa")}
+    assert names["web"][0] == "language id" and names["web"][-1] == "perplexity (KenLM)"
+    assert names["c4"][0] == "language id" and any("bad words" in n for n in names["c4"]), names["c4"]
+    assert names["code"][:2] == ["licence not allowed", "licence header stripped (kept)"]
+    assert names["wiki"] and names["arxiv"] and names["qa"]
+    assert source_steps("books", cfg) == []
+    for bad, match in (({"lm_cutoffs": ["thirty", "60"]}, r"--lm-cutoffs takes two perplexities HEAD MIDDLE, got"),
+                       ({"lm_cutoffs": ["30"]}, "--lm-cutoffs takes two perplexities HEAD MIDDLE, got 1"),
+                       ({"lm_cutoffs": ["60", "30"]}, "0 < HEAD <= MIDDLE, got 60.0 30.0"),
+                       ({"lm_buckets": ["top"]}, "--lm-buckets must name some of head, middle, tail, got top")):
+        with pytest.raises(ConfigError, match=match) as info:
+            StepsConfig(**bad)
+        assert "\n" not in str(info.value)

@@ -8,7 +8,10 @@ Interface (what ``megallama curate`` and its sharded executors rely on):
   perplexities, ``lm_buckets=("head", "middle")`` kept, ``classifier_model`` (fastText ``.bin`` from
   ``megallama train-classifier``), ``classifier_threshold=0.5``, ``badwords`` (a file), ``licenses=
   ("apache-2.0", "bsd", "mit")``, ``on_error="fail"|"skip"``, and the C4/code/web rule thresholds.
-  ``"any"`` in ``languages`` or ``licenses`` disables that filter.  ``cfg.check()`` validates it.
+  ``"any"`` in ``languages`` or ``licenses`` disables that filter.  Each field's ``metadata["help"]`` is its
+  command-line help (``megallama curate`` offers every field as ``--field-name``); values given as the
+  command line gives them (strings, lists, ``""`` for no file) are converted, and the whole is checked
+  when it is made (a bad value: one-line ``ConfigError``).
 * ``Step``: ``name`` and ``step(doc) -> doc | None``: the document (its text possibly rewritten, ``meta``
   possibly extended) or None to drop it.  No state crosses documents; models load lazily, once per process
   (``step.load()`` loads them now); a step pickles as its settings, so multiprocessing/Ray can ship it.
@@ -50,8 +53,7 @@ from megallama.errors import ConfigError, DataError
 
 SOURCES = ("web", "c4", "code", "wiki", "books", "arxiv", "qa")
 
-__all__ = ["SOURCES", "Step", "StepError", "StepsConfig", "source_steps", "read_documents", "run_steps",
-           "add_step_arguments", "config_from_args"]
+__all__ = ["SOURCES", "Step", "StepError", "StepsConfig", "source_steps", "read_documents", "run_steps"]
 
 
 def source_steps(source: str, cfg: StepsConfig) -> List[Step]:
@@ -120,39 +122,3 @@ def run_steps(steps: Sequence[Step], doc: Dict[str, Any], removed: Counter, on_e
             kept[step.name] += 1
         doc = out
     return doc
-
-
-# ----------------------------------------------------------------------------- command-line options
-
-def add_step_arguments(p) -> None:
-    """The options of the steps, for ``megallama curate`` (``--on-error`` comes with the input options)."""
-    g = p.add_argument_group("per-source steps")
-    g.add_argument("--languages", nargs="+", default=["en"], metavar="LANG",
-                   help="languages kept by language id (web, c4), ISO 639-1 codes; 'any' keeps all (default: en)")
-    g.add_argument("--lid-model", metavar="BIN", help="fastText language-id model (lid.176.bin); default: "
-                   "langid.py's model shipped in its package")
-    g.add_argument("--lid-threshold", type=float, default=0.5, help="minimum language probability (default: 0.5)")
-    g.add_argument("--lm-model", metavar="ARPA|BIN", help="KenLM model for the perplexity filter (web)")
-    g.add_argument("--lm-tokenizer", metavar="MODEL", help="SentencePiece model the KenLM model was trained on")
-    g.add_argument("--lm-cutoffs", nargs=2, type=float, metavar=("HEAD", "MIDDLE"),
-                   help="perplexities ending the head and middle buckets (CCNet: 30th/60th percentiles)")
-    g.add_argument("--lm-buckets", nargs="+", default=["head", "middle"], choices=("head", "middle", "tail"),
-                   help="perplexity buckets kept (default: head middle)")
-    g.add_argument("--classifier-model", metavar="BIN", help="fastText quality classifier from "
-                   "`megallama train-classifier` (web)")
-    g.add_argument("--classifier-threshold", type=float, default=0.5,
-                   help="minimum probability of the positive label (default: 0.5)")
-    g.add_argument("--badwords", metavar="FILE", help="C4: drop pages holding any of these words (one per line)")
-    g.add_argument("--licenses", nargs="+", default=["apache-2.0", "bsd", "mit"], metavar="SPDX",
-                   help="code: licence families kept; 'any' keeps all (default: apache-2.0 bsd mit)")
-
-
-def config_from_args(args) -> StepsConfig:
-    cfg = StepsConfig(languages=tuple(args.languages), lid_model=args.lid_model, lid_threshold=args.lid_threshold,
-                      lm_model=args.lm_model, lm_tokenizer=args.lm_tokenizer,
-                      lm_cutoffs=tuple(args.lm_cutoffs) if args.lm_cutoffs else None,
-                      lm_buckets=tuple(args.lm_buckets), classifier_model=args.classifier_model,
-                      classifier_threshold=args.classifier_threshold, badwords=args.badwords,
-                      licenses=tuple(args.licenses), on_error=getattr(args, "on_error", "fail"))
-    cfg.check()
-    return cfg

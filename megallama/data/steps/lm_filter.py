@@ -86,7 +86,7 @@ class PerplexityFilter(Step):
     name = "perplexity (KenLM)"
 
     def __init__(self, cfg: StepsConfig):
-        assert cfg.lm_model is not None and cfg.lm_cutoffs is not None
+        assert cfg.lm_model is not None and len(cfg.lm_cutoffs) == 2
         check_kenlm_file(cfg.lm_model)
         check_model_file(cfg.lm_tokenizer, "--lm-tokenizer")
         self.model_path, self.tokenizer_path = cfg.lm_model, cfg.lm_tokenizer
