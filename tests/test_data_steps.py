@@ -543,3 +543,37 @@ def test_every_step_reachable_from_command_line_values(tmp_path):
         with pytest.raises(ConfigError, match=match) as info:
             StepsConfig(**bad)
         assert "\n" not in str(info.value)
+
+
+def test_wikipedia_xml_dump_read_and_rendered(tmp_path):
+    import bz2
+    from xml.sax.saxutils import escape
+
+    def page(pid, ns, title, text, redirect=""):
+        return (f"  <page>\n    <title>{title}</title>\n    <ns>{ns}</ns>\n    <id>{pid}</id>\n{redirect}"
+                f"    <revision>\n      <id>9{pid}</id>\n      <contributor><username>Bot</username><id>7</id>"
+                f"</contributor>\n      <model>wikitext</model>\n      <text bytes=\"{len(text)}\" xml:space=\"preserve\">"
+                f"{escape(text)}</text>\n    </revision>\n  </page>\n")
+
+    dump = ('<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.11/" version="0.11" xml:lang="en">\n'
+            "  <siteinfo><sitename>Wikipedia</sitename></siteinfo>\n"
+            + page(681159, 0, "Paris", WIKITEXT)
+            + page(5, 0, "Lutetia (city)", "#REDIRECT [[Paris]]", '    <redirect title="Paris" />\n')
+            + page(22989, 1, "Talk:Paris", "== Population figure ==\nIs the 2,102,650 figure current? ~~~~")
+            + "</mediawiki>\n")
+    path = tmp_path / "enwiki-pages-articles.xml.bz2"
+    path.write_bytes(bz2.compress(dump.encode("utf-8")))
+    docs = list(read_documents("wiki", path))
+    assert [(d["id"], d["meta"]["title"]) for d in docs] == [(f"{path}: page 681159", "Paris")]
+    assert docs[0]["text"] == WIKITEXT
+    kept, _ = apply("wiki", docs)
+    assert kept[0]["text"].startswith("Paris is the capital and most populous city of France.")
+    cut = tmp_path / "cut.xml.bz2"
+    cut.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(DataError, match=r"^cannot read '.*cut.xml.bz2' .*a truncated \.bz2\?") as info:
+        list(read_documents("wiki", cut))
+    assert "\n" not in str(info.value)
+    broken = tmp_path / "broken.xml"
+    broken.write_text(dump.replace("</page>", "</pag>", 1))
+    with pytest.raises(DataError, match=r"^.*broken.xml:\d+: not a readable MediaWiki XML dump"):
+        list(read_documents("wiki", broken))

@@ -8,6 +8,8 @@
   file up its directory tree (``meta.license``, an SPDX id); JSONL lines ``{"text" or "content": ...,
   "license": ..., "path": ...}``; or one file.  Binary files (a NUL byte in the first 8 KB) and ``.git``
   and other hidden directories are not read.
+* ``wiki``: a MediaWiki XML dump (``*.xml``, ``*.xml.bz2``, ``*.xml.gz``: the articles, namespace 0 and
+  not redirects, the text of their last revision; ``meta.title``), or JSONL/text of wikitext.
 * anything else: the text readers of :mod:`megallama.data.sources` (``.jsonl``/``.txt``, ``.gz``).
 
 A document is ``{"text", "id"}`` plus ``"path"`` and ``"meta"`` where known.  A malformed record is a
@@ -146,6 +148,54 @@ def read_qa(path: Path, on_error: str = "fail", stats: Optional[ReadStats] = Non
             raise DataError(f"'{f}' is neither .jsonl QA lines nor a StackExchange Posts.xml; give one of those")
 
 
+# ----------------------------------------------------------------------------- wiki
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]  # the MediaWiki export namespace changes with its version
+
+
+def read_wiki_dump(path: Path, on_error: str = "fail", stats: Optional[ReadStats] = None) -> Iterator[Dict[str, Any]]:
+    """The articles of a MediaWiki XML dump (``pages-articles.xml``, ``.bz2`` or ``.gz``), streamed: pages
+    of namespace 0 that are not redirects, the wikitext of their last revision."""
+    import bz2
+
+    opener = bz2.open if path.name.endswith(".bz2") else gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            page: Dict[str, Any] = {}
+            for event, elem in ElementTree.iterparse(f, events=("start", "end")):
+                tag = _local(elem.tag)
+                if event == "start":
+                    if tag == "page":
+                        page = {}
+                    continue
+                if tag in ("title", "ns") and "text" not in page:
+                    page[tag] = elem.text or ""
+                elif tag == "id" and "id" not in page:
+                    page["id"] = elem.text or ""
+                elif tag == "redirect":
+                    page["redirect"] = True
+                elif tag == "text":
+                    page["text"] = elem.text or ""
+                elif tag == "page":
+                    elem.clear()
+                    where = f"{path}: page {page.get('id') or '?'}"
+                    if page.get("ns") != "0" or page.get("redirect"):
+                        continue  # talk, user, template ... pages and redirects are not articles
+                    if "text" not in page:
+                        _bad("a page without revision text", where, on_error, stats)
+                        continue
+                    _count(stats, len(page["text"].encode("utf-8")))
+                    yield {"text": page["text"], "id": where, "path": str(path), "meta": {"title": page.get("title")}}
+                if tag in ("revision", "page"):
+                    elem.clear()
+    except ElementTree.ParseError as exc:
+        line = exc.position[0] if getattr(exc, "position", None) else "?"
+        raise DataError(f"{path}:{line}: not a readable MediaWiki XML dump ({exc}); give the dump intact") from None
+    except (EOFError, OSError) as exc:
+        raise DataError(f"cannot read '{path}' ({exc}); check the file (a truncated .bz2?)") from None
+
+
 # ----------------------------------------------------------------------------- code
 
 def _is_binary(data: bytes) -> bool:
@@ -218,6 +268,8 @@ def read_documents(source: str, path: Path, on_error: str = "fail",
             yield from read_qa(path, on_error, stats)
         elif source == "code":
             yield from read_code(path, on_error, stats)
+        elif source == "wiki" and path.name.endswith((".xml", ".xml.bz2", ".xml.gz")):
+            yield from read_wiki_dump(path, on_error, stats)
         else:
             for d in iter_documents([str(path)], on_error=on_error, stats=stats if stats is not None else ReadStats()):
                 yield {"text": d.text, "id": d.where}
