@@ -25,6 +25,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "curate": ("megallama.commands.curate", "deduplicate and filter raw text per source (CCNet-style)"),
     "train-classifier": ("megallama.commands.train_classifier",
                          "train the fastText quality classifier of web pages (CCNet) for curate --classifier-model"),
+    "lm-cutoffs": ("megallama.commands.lm_cutoffs",
+                   "KenLM perplexity percentiles of a sample (CCNet's buckets) for curate --lm-cutoffs"),
     "preprocess": ("megallama.commands.preprocess", "tokenize text into an indexed dataset (PREFIX.bin/.idx)"),
     "preprocess-instruct": ("megallama.commands.preprocess_instruct",
                             "tokenize instruction JSONL into tokens plus a loss mask for finetuning"),

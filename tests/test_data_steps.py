@@ -577,3 +577,30 @@ def test_wikipedia_xml_dump_read_and_rendered(tmp_path):
     broken.write_text(dump.replace("</page>", "</pag>", 1))
     with pytest.raises(DataError, match=r"^.*broken.xml:\d+: not a readable MediaWiki XML dump"):
         list(read_documents("wiki", broken))
+
+
+def test_lm_cutoffs_command_gives_ccnet_percentiles(tmp_path):
+    import numpy as np
+
+    arpa = tmp_path / "tiny.arpa"
+    arpa.write_text(ARPA)
+    texts = ["The cat sat on the mat", "the mat sat\nOn the cat", "zebra quantum mat cat", "the cat sat", "mat", ""]
+    sample = tmp_path / "sample.jsonl"
+    sample.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    refs = [round(arpa_perplexity(t.splitlines()), 1) for t in texts[:-1]]  # the empty page has no perplexity
+    want = [round(float(v), 1) for v in np.percentile(refs, [30, 60])]
+    r = subprocess.run([sys.executable, "-m", "megallama", "lm-cutoffs", "--lm-model", str(arpa), "--input",
+                        str(sample)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    head, middle = (float(v) for v in r.stdout.splitlines()[-1].split()[1:])
+    assert r.stdout.splitlines()[-1].startswith("--lm-cutoffs ")
+    assert (head, middle) == pytest.approx(want, abs=0.11)
+    assert "percentiles 30 60 of 5 documents" in r.stdout
+    # the printed cutoffs are what curate's filter takes: 30% of the sample in the head, 30% more in the middle
+    steps = source_steps("web", StepsConfig(languages=("any",), lm_model=str(arpa), lm_cutoffs=(head, middle),
+                                            lm_buckets=("head",), min_words=1, min_mean_word_length=1))
+    assert [d["meta"]["bucket"] for d in (run_steps(steps, {"text": t}, Counter()) for t in texts[:-1]) if d] \
+        == ["head"] * sum(p < head for p in refs)
+    bad = subprocess.run([sys.executable, "-m", "megallama", "lm-cutoffs", "--lm-model", str(tmp_path / "no.arpa"),
+                          "--input", str(sample)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no.arpa' does not exist" in bad.stderr

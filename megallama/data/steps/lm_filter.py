@@ -5,15 +5,19 @@ mapped to ASCII, non-printing characters removed), tokenized with the SentencePi
 trained on (``lm_tokenizer``; whitespace words without one), and scored by KenLM with sentence
 boundaries; the document's perplexity is ``10 ** (-sum(log10 p) / sum(tokens + 1))`` over its lines.
 ``perplexity < cutoffs[0]`` is the *head* bucket, ``< cutoffs[1]`` the *middle*, else the *tail*; CCNet
-sets the cutoffs at the 30th and 60th percentile of each language's perplexities.  Buckets not in
+sets the cutoffs at the 30th and 60th percentile of each language's perplexities
+(:func:`perplexity_cutoffs`, `megallama lm-cutoffs`).  Buckets not in
 ``lm_buckets`` are dropped; ``meta.perplexity`` and ``meta.bucket`` are recorded.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from megallama.data.steps.base import Step, StepsConfig, cached_model, check_model_file, quiet_native, with_text
 from megallama.errors import DataError
@@ -82,16 +86,13 @@ def _load_sentencepiece(path: str):
     return sp
 
 
-class PerplexityFilter(Step):
-    name = "perplexity (KenLM)"
+class KenLMScorer:
+    """CCNet's document perplexity under a KenLM model (and its SentencePiece tokenizer); pickles as paths."""
 
-    def __init__(self, cfg: StepsConfig):
-        assert cfg.lm_model is not None and len(cfg.lm_cutoffs) == 2
-        check_kenlm_file(cfg.lm_model)
-        check_model_file(cfg.lm_tokenizer, "--lm-tokenizer")
-        self.model_path, self.tokenizer_path = cfg.lm_model, cfg.lm_tokenizer
-        self.head, self.middle = map(float, cfg.lm_cutoffs)
-        self.keep = tuple(cfg.lm_buckets)
+    def __init__(self, model_path: str, tokenizer_path: Optional[str] = None):
+        check_kenlm_file(model_path)
+        check_model_file(tokenizer_path, "--lm-tokenizer")
+        self.model_path, self.tokenizer_path = model_path, tokenizer_path
 
     def load(self):
         model = cached_model("kenlm", self.model_path, _load_kenlm)
@@ -112,6 +113,26 @@ class PerplexityFilter(Step):
         if length == 0:
             return float("inf")
         return round(10.0 ** (-log_score / length), 1)
+
+
+def perplexity_cutoffs(scorer: KenLMScorer, texts: Iterable[str],
+                       percentiles: Sequence[float] = (30.0, 60.0)) -> Tuple[List[float], int]:
+    """CCNet's bucket cutoffs: the given percentiles (numpy's linear interpolation) of the perplexities of a
+    sample of one language's documents, and how many documents had a perplexity (an empty one has none)."""
+    values = [p for p in (scorer.perplexity(t) for t in texts) if math.isfinite(p)]
+    if not values:
+        raise DataError("no document of the sample has a line to score; give a sample of real documents")
+    return [round(float(v), 1) for v in np.percentile(np.asarray(values), list(percentiles))], len(values)
+
+
+class PerplexityFilter(KenLMScorer, Step):
+    name = "perplexity (KenLM)"
+
+    def __init__(self, cfg: StepsConfig):
+        assert cfg.lm_model is not None and len(cfg.lm_cutoffs) == 2
+        super().__init__(cfg.lm_model, cfg.lm_tokenizer)
+        self.head, self.middle = map(float, cfg.lm_cutoffs)
+        self.keep = tuple(cfg.lm_buckets)
 
     def bucket(self, perplexity: float) -> str:
         return "head" if perplexity < self.head else "middle" if perplexity < self.middle else "tail"
