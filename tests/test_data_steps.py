@@ -604,3 +604,47 @@ def test_lm_cutoffs_command_gives_ccnet_percentiles(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "megallama", "lm-cutoffs", "--lm-model", str(tmp_path / "no.arpa"),
                           "--input", str(sample)], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no.arpa' does not exist" in bad.stderr
+
+
+def test_arxiv_source_archives_read_with_inputs_inlined(tmp_path):
+    import gzip
+    import io
+    import tarfile
+
+    from megallama.data.sources import ReadStats
+
+    intro = PAPER[PAPER.index(r"\section{Introduction}"):PAPER.index(r"\section{Conclusion}")]
+    conclusion = PAPER[PAPER.index(r"\section{Conclusion}"):PAPER.index(r"\bibliographystyle")]
+    main = PAPER.replace(intro, "\\input{sections/intro}\n").replace(conclusion, r"\include{sections/conclusion}")
+    main = main.replace("\\input{sections/intro}\n", "\\input{sections/intro}")
+
+    def tarball(name, members):
+        path = tmp_path / name
+        with tarfile.open(path, "w:gz") as tar:
+            for member, data in members.items():
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return path
+
+    paper = tarball("2101.00001.tar.gz", {
+        "figures/plot.png": b"\x89PNG\r\n\x1a\n", "notes.tex": b"% old notes, never compiled\nTODO\n",
+        "ms.tex": main.encode(), "sections/intro.tex": intro.encode(), "sections/conclusion.tex": conclusion.encode(),
+        "refs.bib": b"@book{knuth, title={TAOCP}}\n"})
+    docs = list(read_documents("arxiv", paper))
+    assert [(d["id"], d["meta"]["main"]) for d in docs] == [(str(paper), "ms.tex")]
+    assert docs[0]["text"] == PAPER
+    assert [d["text"] for d in apply("arxiv", docs)[0]] == [d["text"] for d in apply("arxiv", [PAPER])[0]]
+    single = tmp_path / "2101.00002.gz"  # arXiv ships a one-file paper as a gzipped .tex
+    single.write_bytes(gzip.compress(PAPER.encode()))
+    assert [d["text"] for d in read_documents("arxiv", single)] == [PAPER]
+    nomain = tarball("2101.00003.tar.gz", {"notes.tex": b"no document class here\n"})
+    with pytest.raises(DataError, match=r"2101.00003.tar.gz: no .tex file with \\documentclass.*--on-error skip"):
+        list(read_documents("arxiv", nomain))
+    stats = ReadStats()
+    assert list(read_documents("arxiv", nomain, on_error="skip", stats=stats)) == [] and stats.skipped == 1
+    cut = tmp_path / "2101.00004.tar.gz"
+    cut.write_bytes(paper.read_bytes()[:60])
+    with pytest.raises(DataError, match=r"^cannot read '.*2101.00004.tar.gz' .*a truncated archive\?") as info:
+        list(read_documents("arxiv", cut))
+    assert "\n" not in str(info.value)

@@ -10,6 +10,8 @@
   and other hidden directories are not read.
 * ``wiki``: a MediaWiki XML dump (``*.xml``, ``*.xml.bz2``, ``*.xml.gz``: the articles, namespace 0 and
   not redirects, the text of their last revision; ``meta.title``), or JSONL/text of wikitext.
+* ``arxiv``: a paper's source as arXiv distributes it (``.tar``/``.tar.gz``/``.tgz``: the main ``.tex``
+  with its ``\\input``/``\\include`` files inlined; ``.gz``: one gzipped ``.tex``), a ``.tex``, or JSONL.
 * anything else: the text readers of :mod:`megallama.data.sources` (``.jsonl``/``.txt``, ``.gz``).
 
 A document is ``{"text", "id"}`` plus ``"path"`` and ``"meta"`` where known.  A malformed record is a
@@ -196,6 +198,86 @@ def read_wiki_dump(path: Path, on_error: str = "fail", stats: Optional[ReadStats
         raise DataError(f"cannot read '{path}' ({exc}); check the file (a truncated .bz2?)") from None
 
 
+# ----------------------------------------------------------------------------- arxiv
+
+_INPUT = re.compile(r"(?<!\\)\\(?:input|include)\s*\{([^}]*)\}")
+_DOCUMENTCLASS = re.compile(r"^[^%\n]*\\documentclass", re.MULTILINE)
+ARXIV_ARCHIVES = (".tar", ".tar.gz", ".tgz", ".gz")
+_MAX_TEX_BYTES = 64 << 20  # a paper's .tex files together; more is not a paper
+
+
+def _arxiv_main(files: Dict[str, str]) -> Optional[str]:
+    """The main file of a paper: a ``.tex`` with ``\\documentclass`` (one with ``\\begin{document}`` first)."""
+    mains = sorted((r"\begin{document}" not in text, name) for name, text in files.items()
+                   if name.endswith(".tex") and _DOCUMENTCLASS.search(text))
+    return mains[0][1] if mains else None
+
+
+def _inline_inputs(name: str, files: Dict[str, str], depth: int = 0) -> str:
+    """``files[name]`` with its ``\\input``/``\\include`` files inlined (relative to the paper's root, as
+    LaTeX resolves them); one that is not in the archive stays as written."""
+    if depth > 20:
+        raise ValueError(f"\\input nested more than 20 deep at {name}")
+
+    def inline(m: "re.Match") -> str:
+        target = m.group(1).strip()
+        for candidate in (target, target + ".tex"):
+            candidate = os.path.normpath(candidate)
+            if candidate in files and candidate != name:
+                return _inline_inputs(candidate, files, depth + 1)
+        return m.group(0)
+
+    return _INPUT.sub(inline, files[name])
+
+
+def read_arxiv_source(path: Path, on_error: str = "fail", stats: Optional[ReadStats] = None) -> Iterator[Dict[str, Any]]:
+    """One paper from arXiv's source as it is distributed: a ``.tar``/``.tar.gz``/``.tgz`` of its files (the
+    main ``.tex``, the one with ``\\documentclass``, with its ``\\input``/``\\include`` files inlined),
+    a gzipped single ``.tex`` (``.gz``), or a ``.tex``."""
+    import tarfile
+
+    where = str(path)
+    name = path.name
+    if name.endswith(".tex"):
+        text = path.read_bytes().decode("utf-8", "replace")
+        _count(stats, len(text))
+        yield {"text": text, "id": where, "path": where}
+        return
+    files: Dict[str, str] = {}
+    try:
+        if tarfile.is_tarfile(path):
+            with tarfile.open(path) as tar:
+                total = 0
+                for member in tar:
+                    if not member.isfile() or not member.name.endswith((".tex", ".ltx")):
+                        continue
+                    total += member.size
+                    if total > _MAX_TEX_BYTES:
+                        raise ValueError(f"its .tex files hold more than {_MAX_TEX_BYTES >> 20} MB")
+                    data = tar.extractfile(member).read()
+                    files[os.path.normpath(member.name)] = data.decode("utf-8", "replace")
+        else:
+            with gzip.open(path, "rb") as f:
+                data = f.read(_MAX_TEX_BYTES + 1)
+            if len(data) > _MAX_TEX_BYTES:
+                raise ValueError(f"it holds more than {_MAX_TEX_BYTES >> 20} MB")
+            files["main.tex"] = data.decode("utf-8", "replace")
+        main = _arxiv_main(files)
+        if main is None:
+            _bad("no .tex file with \\documentclass (a paper's source is its main .tex and the files it inputs)",
+                 where, on_error, stats)
+            return
+        text = _inline_inputs(main, files)
+    except ValueError as exc:
+        _bad(f"not a paper's source ({exc})", where, on_error, stats)
+        return
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise DataError(f"cannot read '{path}' ({' '.join(str(exc).split())}); check the file (a truncated "
+                        "archive?) or drop it from --input") from None
+    _count(stats, len(text))
+    yield {"text": text, "id": where, "path": where, "meta": {"main": main}}
+
+
 # ----------------------------------------------------------------------------- code
 
 def _is_binary(data: bytes) -> bool:
@@ -268,6 +350,9 @@ def read_documents(source: str, path: Path, on_error: str = "fail",
             yield from read_qa(path, on_error, stats)
         elif source == "code":
             yield from read_code(path, on_error, stats)
+        elif source == "arxiv" and path.is_file() and path.name.endswith((".tex",) + ARXIV_ARCHIVES) \
+                and not path.name.endswith((".jsonl.gz", ".txt.gz")):
+            yield from read_arxiv_source(path, on_error, stats)
         elif source == "wiki" and path.name.endswith((".xml", ".xml.bz2", ".xml.gz")):
             yield from read_wiki_dump(path, on_error, stats)
         else:
