@@ -67,6 +67,7 @@ from megallama.errors import DataError, UserError
 
 PLAN_VERSION = 1
 STAGES = ("lines", "linedup", "docs", "exact", "minhash", "buckets", "clusters", "filter", "merge")
+PARTITION_STAGES = ("linedup", "exact", "buckets")  # task i reads partition i of every shard; the others: shard i
 UNIT_BITS = 32  # doc id = unit << 32 | ordinal
 
 LINE = np.dtype([("h", "<u8"), ("doc", "<u8"), ("line", "<u4")])
@@ -241,6 +242,16 @@ class Outputs:
         self.tag = f".tmp-{os.getpid()}"
         self.files: Dict[Path, object] = {}
         work.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+        self._remove_stale()
+
+    def _remove_stale(self) -> None:
+        """Temporary files a killed run of this task left (their process is gone): never committed, removed."""
+        own = "" if self.stage == "clusters" else ("p" if self.stage in PARTITION_STAGES else "s") + f"{self.index:05d}"
+        for pattern in (f"{own}*.tmp-*", f"task-{self.index:05d}.done.tmp-*"):
+            for tmp in self.work.stage_dir(self.stage).glob(pattern):
+                pid = tmp.name.rsplit(".tmp-", 1)[1].split(".")[0]
+                if pid.isdigit() and not _alive(int(pid)):
+                    tmp.unlink(missing_ok=True)
 
     def open(self, name: str, mode: str = "wb"):
         final = self.work.path(self.stage, name)
@@ -264,6 +275,16 @@ class Outputs:
             tmp = final.with_name(final.name + self.tag)
             if tmp.exists():
                 tmp.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class PartitionWriter:
@@ -691,8 +712,16 @@ def run_stages(work: WorkDir, workers: int = 1, executor: str = "local", ray_add
 
                     ctx = mp.get_context("spawn" if sys.platform == "darwin" else "fork")
                     pool = ctx.Pool(workers, maxtasksperchild=1)  # a fresh process per task: its own peak RSS
-                for _ in pool.imap_unordered(_task, jobs):
-                    pass
+                errors, results = [], pool.imap_unordered(_task, jobs)
+                while True:  # the other tasks finish (and commit) even when one fails
+                    try:
+                        next(results)
+                    except StopIteration:
+                        break
+                    except Exception as exc:  # noqa: BLE001 - re-raised below
+                        errors.append(exc)
+                if errors:
+                    raise errors[0]
             log(f"stage {stage:<9} {n} task(s), {len(todo)} run, {n - len(todo)} already done "
                 f"({time.perf_counter() - start:.1f}s)")
     finally:
