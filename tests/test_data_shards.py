@@ -167,10 +167,10 @@ def test_a_killed_task_reruns_alone_and_finished_tasks_are_kept(tmp_path, monkey
     assert texts(out.read_bytes()) == reference(pages, "web")
 
 
-def cli(*args, **kw):
+def cli(*args, timeout=120):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "megallama", "curate", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=120, **kw)
+                          text=True, env=env, timeout=timeout)
 
 
 def test_task_mode_cli_matches_one_process_and_merge_refuses_partial_stages(tmp_path):
