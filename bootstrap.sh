@@ -13,6 +13,6 @@ stamp=.venv/.megallama-installed
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "torch==${TORCH_VERSION}"
-  .venv/bin/python -m pip install -q -e ".[test,eval,data]"
+  .venv/bin/python -m pip install -q -e ".[test,eval,data,scale]"
   touch "$stamp"
 fi

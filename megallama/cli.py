@@ -106,6 +106,8 @@ def entry() -> None:
     """The console script and ``python -m megallama``: a process that trained or evaluated in a
     process group ends without the interpreter's teardown (see ``distributed.exit_process``)."""
     code = main()
+    if "torch" not in sys.modules:  # no process group without torch: skip importing it (2 s per data task)
+        sys.exit(code)
     from megallama.distributed import exit_process, used_process_group
 
     if used_process_group():

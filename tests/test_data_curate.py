@@ -1,4 +1,6 @@
-"""Curation: exact dedup (lines for web, files for code), heuristic filters, MinHash near-dedup, CLI report."""
+"""Curation: exact dedup (lines for web, files for code), heuristic filters, MinHash near-dedup, CLI report.
+
+The sharded engine itself (N shards == one process, resuming, SLURM, Ray) is tests/test_data_shards.py."""
 
 import json
 import random
@@ -8,7 +10,9 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from megallama.data.curate import CurateConfig, Curator, MinHashLSH, strip_license_header
+from megallama.data.curate import CurateConfig, MinHashLSH, code_filter, strip_license_header, web_filter
+from megallama.data.shards import WorkDir, make_plan, merge, run_stages
+from megallama.data.steps import StepsConfig
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 WORDS = re.findall(r"[a-z]{3,9}", (STDLIB / "this.py").read_text().lower() + (STDLIB / "textwrap.py").read_text().lower())
@@ -37,6 +41,18 @@ def jaccard(a: str, b: str, k: int = 5) -> float:
     return len(sa & sb) / len(sa | sb)
 
 
+def curate(tmp_path, texts, source, near_dup_threshold=0.9):
+    """Run the curation engine in this process on ``texts`` (one .jsonl input, one shard): (kept, report)."""
+    path = tmp_path / f"in-{source}.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    plan = make_plan([str(path)], source, 1, (".jsonl",), StepsConfig(), near_dup_threshold)
+    work = WorkDir(tmp_path / f"work-{source}", plan)
+    run_stages(work)
+    out = tmp_path / f"out-{source}.jsonl"
+    report = merge(work, out)
+    return [json.loads(line)["text"] for line in out.read_text().splitlines()], report
+
+
 def test_minhash_estimates_jaccard():
     lsh = MinHashLSH(CurateConfig(num_perm=256, bands=16))
     base = prose(1, 2000)
@@ -46,43 +62,44 @@ def test_minhash_estimates_jaccard():
         assert abs(est - jaccard(base, other)) < 0.08, frac
 
 
-def test_near_duplicates_dropped_by_true_overlap():
+def test_near_duplicates_dropped_by_true_overlap(tmp_path):
     base = prose(3, 3000)
     near, far, unrelated = mutate(base, 0.002, 4), mutate(base, 0.1, 5), prose(6, 3000)
     assert jaccard(base, near) > 0.95 and jaccard(base, far) < 0.7
-    cur = Curator(CurateConfig(source="books"))
-    kept = list(cur.run([base, near, far, unrelated, base]))
+    kept, report = curate(tmp_path, [base, near, far, unrelated, base], "books")
     assert kept == [base, far, unrelated]
-    assert cur.report.removed == {"near duplicates (MinHash)": 1, "exact duplicate documents": 1}
+    assert report.removed == {"near duplicates (MinHash)": 1, "exact duplicate documents": 1}
 
 
-def test_web_line_dedup_and_filters():
+def test_web_line_dedup_and_filters(tmp_path):
     a, b = prose(10), prose(11)
     shared = "Cookie policy: we use cookies to improve your experience on this website today.\n"
     doc1, doc2 = shared + a, shared + b + "\n" + a.splitlines()[0]
     short = "Too short to be a page."
     symbols = " ".join(["#tag"] * 30 + WORDS[:60])
-    cur = Curator(CurateConfig(source="web", near_dup_threshold=0))
-    kept = list(cur.run([doc1, doc2, short, symbols]))
+    kept, report = curate(tmp_path, [doc1, doc2, short, symbols], "web", near_dup_threshold=0)
     assert kept == [doc1, b + "\n"]  # the shared line and the repeated line removed from the second page
-    assert cur.report.removed == {"exact duplicate lines": 2, "filter: too short": 1, "filter: symbol ratio": 1}
-    assert (cur.report.documents_in, cur.report.documents_out) == (4, 2)
+    assert report.removed == {"exact duplicate lines": 2, "web filters (Gopher)": 2}
+    assert (report.documents_in, report.documents_out) == (4, 2)
+    assert [web_filter(t, CurateConfig()) for t in (short, symbols)] == ["filter: too short", "filter: symbol ratio"]
 
 
-def test_code_file_dedup_filters_and_boilerplate():
+def test_code_file_dedup_filters_and_boilerplate(tmp_path):
     good = (STDLIB / "textwrap.py").read_text()
     long_line = "x = '" + "a" * 2000 + "'\n"
     minified = "x=1;" * 30 + "\n"
     symbols = ("{}[]();:,.<>!?" * 4 + "\n") * 20
     generated = "# This file is auto-generated. Do not edit.\nx = 1\n"
     licensed = "#!/usr/bin/env python\n# Copyright 2020 Someone\n# Licensed under the MIT License\n\nprint('hi')\n"
-    cur = Curator(CurateConfig(source="code"))
-    kept = list(cur.run([good, good, long_line, minified, symbols, generated, licensed]))
+    kept, report = curate(tmp_path, [good, good, long_line, minified, symbols, generated, licensed], "code")
     assert kept == [good, "#!/usr/bin/env python\nprint('hi')\n"]
-    assert cur.report.removed == {"exact duplicate documents": 1, "filter: max line length": 1,
-                                  "filter: mean line length": 1, "filter: alphanumeric fraction": 1,
-                                  "filter: boilerplate (generated)": 1}
-    assert cur.report.headers_stripped == 1
+    assert report.removed == {"exact duplicate documents": 1, "code filters": 4}
+    assert [(s["name"], s["in"], s.get("dropped", 0), s.get("changed", 0)) for s in report.steps] == [
+        ("licence header stripped", 7, 0, 1), ("code filters", 7, 4, 0)]
+    cfg = CurateConfig()
+    assert [code_filter(t, cfg) for t in (long_line, minified, symbols, generated)] == [
+        "filter: max line length", "filter: mean line length", "filter: alphanumeric fraction",
+        "filter: boilerplate (generated)"]
     assert strip_license_header("# just a comment\nx = 1\n") == "# just a comment\nx = 1\n"
 
 

@@ -9,6 +9,8 @@ Debian's packages) started on localhost by the test itself, no systemd, no cgrou
 * Preemption: ``scancel --signal=USR1 --batch`` (what ``--signal=B:USR1@...`` does before the
   time limit) makes the ranks checkpoint and exit 75; the script requeues the job, and the
   rerun resumes from the checkpoint and completes.
+* ``slurm/curate_array.sbatch`` runs `megallama curate` as a chain of array jobs (one per stage)
+  and writes exactly the one-process output.
 
 When SLURM cannot be started the tests skip with the reason (never a silent pass).
 """
@@ -200,3 +202,23 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, tmp_path, script, op
     assert sorted(p.name for p in logs.glob("*rank*")) == ["rank-0.log", "rank-1.log"], out
     rank0 = (logs / "rank-0.log").read_text()
     assert 0 <= rank0.index("run the same command to resume") < rank0.index("resumed from"), out
+
+
+def test_curate_array_chain_keeps_what_one_process_keeps(slurm, tmp_path):
+    """slurm/curate_array.sbatch submits one array job per stage (afterok chain); the output is the
+    one-process output byte for byte."""
+    from tests.test_data_shards import corpus, run as curate_here
+
+    inputs, _ = corpus(tmp_path, files=3)
+    expected, _ = curate_here(tmp_path, inputs, "web", 1)
+    logs, out = tmp_path / "logs", tmp_path / "curated.jsonl"
+    logs.mkdir()
+    r = subprocess.run(["bash", str(ROOT / "slurm" / "curate_array.sbatch"), "--input", *inputs, "--output", str(out),
+                        "--source", "web", "--shards", "2"], capture_output=True, text=True, timeout=60,
+                       env=dict(slurm.env, **env(MEGALLAMA_SBATCH_OPTS=f"--chdir {ROOT} --output {logs}/%x-%A_%a.out",
+                                                 MEGALLAMA_LOG_DIR=str(logs))))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("megallama: curate stage") == 8  # lines linedup docs minhash buckets clusters filter merge
+    info = slurm.wait(f"{r.stdout.strip()}_0", 240)
+    assert info["JobState"] == "COMPLETED", _logs(logs)
+    assert out.read_bytes() == expected

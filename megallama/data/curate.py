@@ -1,22 +1,18 @@
-"""Per-source curation as in the paper (section 2.1): exact dedup, heuristic filters, MinHash/LSH near-dedup.
+"""The pieces of curation (section 2.1 of the paper): filters, line keys, MinHash signatures.
 
-Steps, in order, one document at a time (streaming):
+The run itself, sharded and resumable (line-level and exact dedup by hash
+partition, MinHash/LSH near dedup as bucket -> cluster -> filter), is
+:mod:`megallama.data.shards`; the per-source document steps are
+:mod:`megallama.data.steps`.  Here:
 
-1. exact deduplication: *line* level for web text (CCNet: a line seen before,
-   after normalisation, is dropped; a document left empty is dropped), *file*
-   level for code and the other sources (an identical document seen before);
-2. heuristic filters: for code, the maximum and mean line length and the share
-   of alphanumeric characters, plus boilerplate by regular expressions
-   (auto-generated files are dropped, licence/copyright header comments are
-   stripped); for web text, the length in words, the symbol-to-word ratio, the
-   mean word length and the share of words holding a letter (Gopher-style);
-3. near-duplicate removal: MinHash signatures of word 5-gram shingles, LSH
-   banding to find candidates, and a document is dropped when its estimated
-   Jaccard similarity to an earlier kept one reaches the threshold (the paper
-   drops books with more than 90% content overlap).
-
-Memory holds 8-byte hashes for exact dedup and one signature (num_perm uint32)
-per kept document for near dedup, never the text.
+* web text, Gopher-style: the length in words, the symbol-to-word ratio, the
+  mean word length and the share of words holding a letter (:func:`web_filter`);
+* code: the maximum and mean line length and the share of alphanumeric
+  characters, auto-generated files (:func:`code_filter`), licence/copyright
+  header comments (:func:`strip_license_header`);
+* CCNet's line key for line-level dedup (:func:`normalize_line`);
+* MinHash signatures of word 5-gram shingles (:class:`MinHashLSH`): the
+  estimated Jaccard similarity of two documents is the share of equal entries.
 """
 
 from __future__ import annotations
@@ -24,15 +20,14 @@ from __future__ import annotations
 import hashlib
 import re
 import zlib
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, List, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
 from megallama.errors import ConfigError
 
-SOURCES = ("web", "code", "books", "wiki", "qa")
+SOURCES = ("web", "c4", "code", "wiki", "books", "arxiv", "qa")
 
 
 @dataclass
@@ -64,28 +59,8 @@ class CurateConfig:
             raise ConfigError(f"num_perm ({self.num_perm}) must be divisible by bands ({self.bands})")
 
 
-@dataclass
-class CurateReport:
-    """What each step removed (documents, unless the name says lines)."""
-
-    documents_in: int = 0
-    documents_out: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    removed: Counter = field(default_factory=Counter)
-    headers_stripped: int = 0  # code files kept with their licence header removed
-
-    def table(self) -> str:
-        rows = [f"{'documents in':<36}{self.documents_in:>12,}"]
-        rows += [f"  {name:<34}{-n:>12,}" for name, n in sorted(self.removed.items())]
-        if self.headers_stripped:
-            rows.append(f"  {'licence headers stripped (kept)':<34}{self.headers_stripped:>12,}")
-        rows += [f"{'documents out':<36}{self.documents_out:>12,}",
-                 f"{'bytes in -> out':<36}{self.bytes_in:>12,} -> {self.bytes_out:,}"]
-        return "\n".join(rows)
-
-
-def _hash64(data: str) -> int:
+def hash64(data: str) -> int:
+    """An 8-byte BLAKE2b hash of the text (line keys, whole documents)."""
     return int.from_bytes(hashlib.blake2b(data.encode("utf-8"), digest_size=8).digest(), "little")
 
 
@@ -153,7 +128,7 @@ def web_filter(text: str, cfg: CurateConfig) -> Optional[str]:
 # ----------------------------------------------------------------------------- MinHash / LSH
 
 class MinHashLSH:
-    """MinHash signatures of word shingles with LSH banding; remembers the signatures of kept documents."""
+    """MinHash signatures of word shingles (num_perm 32-bit minima of seeded universal hashes)."""
 
     _MASK32 = np.uint64(0xFFFFFFFF)
 
@@ -162,9 +137,6 @@ class MinHashLSH:
         rng = np.random.default_rng(cfg.seed)
         self.a = rng.integers(1, 2**63, cfg.num_perm, dtype=np.uint64) | np.uint64(1)
         self.b = rng.integers(0, 2**63, cfg.num_perm, dtype=np.uint64)
-        self.rows = cfg.num_perm // cfg.bands
-        self.tables: List[Dict[bytes, List[int]]] = [defaultdict(list) for _ in range(cfg.bands)]
-        self.signatures: List[np.ndarray] = []
 
     def shingle_hashes(self, text: str) -> np.ndarray:
         words = np.array([zlib.crc32(w.encode("utf-8")) for w in _WORD.findall(text.lower())], np.uint64)
@@ -188,85 +160,3 @@ class MinHashLSH:
                 block = (self.a[:, None] * shingles[None, s:s + 4096] + self.b[:, None]) >> np.uint64(32)
                 sig = np.minimum(sig, block.min(axis=1))
         return sig.astype(np.uint32)
-
-    def is_duplicate(self, text: str) -> bool:
-        """True if ``text`` is a near duplicate of a kept document; otherwise remember it and return False."""
-        sig = self.signature(text)
-        if sig is None:
-            return False
-        keys = [sig[i * self.rows:(i + 1) * self.rows].tobytes() for i in range(self.cfg.bands)]
-        seen = set()
-        for table, key in zip(self.tables, keys):
-            for other in table.get(key, ()):
-                if other not in seen:
-                    seen.add(other)
-                    if np.mean(self.signatures[other] == sig) >= self.cfg.near_dup_threshold:
-                        return True
-        doc = len(self.signatures)
-        self.signatures.append(sig)
-        for table, key in zip(self.tables, keys):
-            table[key].append(doc)
-        return False
-
-
-# ----------------------------------------------------------------------------- the pipeline
-
-class Curator:
-    """Apply the steps for one source to a stream of documents; ``report`` counts what each removed."""
-
-    def __init__(self, cfg: CurateConfig):
-        cfg.check()
-        self.cfg = cfg
-        self.report = CurateReport()
-        self.seen: set[int] = set()
-        self.lsh = MinHashLSH(cfg) if cfg.near_dup_threshold > 0 else None
-
-    def _dedup_lines(self, text: str) -> str:
-        kept = []
-        for line in text.splitlines(keepends=True):
-            key = normalize_line(line)
-            if key:
-                h = _hash64(key)
-                if h in self.seen:
-                    self.report.removed["exact duplicate lines"] += 1
-                    continue
-                self.seen.add(h)
-            kept.append(line)
-        return "".join(kept)
-
-    def process(self, text: str) -> Optional[str]:
-        """The curated document, or None if a step removed it."""
-        cfg, removed = self.cfg, self.report.removed
-        self.report.documents_in += 1
-        self.report.bytes_in += len(text.encode("utf-8"))
-        if cfg.source == "web":
-            text = self._dedup_lines(text)
-            if not text.strip():
-                removed["empty after line dedup"] += 1
-                return None
-        else:
-            h = _hash64(text)
-            if h in self.seen:
-                removed["exact duplicate documents"] += 1
-                return None
-            self.seen.add(h)
-        if cfg.source == "code":
-            stripped = strip_license_header(text)
-            self.report.headers_stripped += stripped != text
-            text = stripped
-        reason = code_filter(text, cfg) if cfg.source == "code" else web_filter(text, cfg) if cfg.source == "web" else None
-        if reason:
-            removed[reason] += 1
-            return None
-        if self.lsh is not None and self.lsh.is_duplicate(text):
-            removed["near duplicates (MinHash)"] += 1
-            return None
-        self.report.documents_out += 1
-        self.report.bytes_out += len(text.encode("utf-8"))
-        return text
-
-    def run(self, texts: Iterable[str]) -> Iterator[str]:
-        for text in texts:
-            out = self.process(text)
-            if out is not None:
-                yield out
