@@ -10,7 +10,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from megallama.data.curate import CurateConfig, MinHashLSH, code_filter, strip_license_header, web_filter
+from megallama.data.curate import CurateConfig, MinHashLSH
+from megallama.data.steps.code import strip_license_header
 from megallama.data.shards import WorkDir, make_plan, merge, run_stages
 from megallama.data.steps import StepsConfig
 
@@ -41,11 +42,11 @@ def jaccard(a: str, b: str, k: int = 5) -> float:
     return len(sa & sb) / len(sa | sb)
 
 
-def curate(tmp_path, texts, source, near_dup_threshold=0.9):
+def curate(tmp_path, texts, source, near_dup_threshold=0.9, steps=StepsConfig()):
     """Run the curation engine in this process on ``texts`` (one .jsonl input, one shard): (kept, report)."""
     path = tmp_path / f"in-{source}.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    plan = make_plan([str(path)], source, 1, (".jsonl",), StepsConfig(), near_dup_threshold)
+    plan = make_plan([str(path)], source, 1, (".jsonl",), steps, near_dup_threshold)
     work = WorkDir(tmp_path / f"work-{source}", plan)
     run_stages(work)
     out = tmp_path / f"out-{source}.jsonl"
@@ -77,11 +78,11 @@ def test_web_line_dedup_and_filters(tmp_path):
     doc1, doc2 = shared + a, shared + b + "\n" + a.splitlines()[0]
     short = "Too short to be a page."
     symbols = " ".join(["#tag"] * 30 + WORDS[:60])
-    kept, report = curate(tmp_path, [doc1, doc2, short, symbols], "web", near_dup_threshold=0)
+    kept, report = curate(tmp_path, [doc1, doc2, short, symbols], "web", near_dup_threshold=0,
+                          steps=StepsConfig(languages=("any",)))  # the Gopher rules alone
     assert kept == [doc1, b + "\n"]  # the shared line and the repeated line removed from the second page
-    assert report.removed == {"exact duplicate lines": 2, "web filters (Gopher)": 2}
+    assert report.removed == {"exact duplicate lines": 2, "filter: too short": 1, "filter: symbol ratio": 1}
     assert (report.documents_in, report.documents_out) == (4, 2)
-    assert [web_filter(t, CurateConfig()) for t in (short, symbols)] == ["filter: too short", "filter: symbol ratio"]
 
 
 def test_code_file_dedup_filters_and_boilerplate(tmp_path):
@@ -91,15 +92,19 @@ def test_code_file_dedup_filters_and_boilerplate(tmp_path):
     symbols = ("{}[]();:,.<>!?" * 4 + "\n") * 20
     generated = "# This file is auto-generated. Do not edit.\nx = 1\n"
     licensed = "#!/usr/bin/env python\n# Copyright 2020 Someone\n# Licensed under the MIT License\n\nprint('hi')\n"
-    kept, report = curate(tmp_path, [good, good, long_line, minified, symbols, generated, licensed], "code")
+    docs = [good, good, long_line, minified, symbols, generated, licensed]
+    kept, report = curate(tmp_path, docs, "code", steps=StepsConfig(licenses=("any",)))  # the heuristics alone
     assert kept == [good, "#!/usr/bin/env python\nprint('hi')\n"]
-    assert report.removed == {"exact duplicate documents": 1, "code filters": 4}
+    assert report.removed == {"exact duplicate documents": 1, "filter: max line length": 1, "filter: mean line length": 1,
+                              "filter: alphanumeric fraction": 1, "filter: boilerplate (generated)": 1}
     assert [(s["name"], s["in"], s.get("dropped", 0), s.get("changed", 0)) for s in report.steps] == [
-        ("licence header stripped", 7, 0, 1), ("code filters", 7, 4, 0)]
-    cfg = CurateConfig()
-    assert [code_filter(t, cfg) for t in (long_line, minified, symbols, generated)] == [
-        "filter: max line length", "filter: mean line length", "filter: alphanumeric fraction",
-        "filter: boilerplate (generated)"]
+        ("licence header stripped (kept)", 7, 0, 1), ("filter: max line length", 7, 1, 0),
+        ("filter: mean line length", 6, 1, 0), ("filter: alphanumeric fraction", 5, 1, 0),
+        ("filter: boilerplate (generated)", 4, 1, 0)]
+    # by default only Apache/BSD/MIT code is kept (the paper): textwrap.py names no such licence
+    (tmp_path / "default").mkdir()
+    kept, _ = curate(tmp_path / "default", docs, "code")
+    assert kept == ["#!/usr/bin/env python\nprint('hi')\n"]
     assert strip_license_header("# just a comment\nx = 1\n") == "# just a comment\nx = 1\n"
 
 

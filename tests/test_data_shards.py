@@ -21,7 +21,9 @@ import numpy as np
 import pytest
 
 import megallama.data.shards as shards
-from megallama.data.curate import CurateConfig, MinHashLSH, normalize_line, web_filter
+from megallama.data.curate import CurateConfig, MinHashLSH, normalize_line
+from megallama.data.steps import StepsConfig
+from megallama.data.steps.web import web_rules
 from megallama.data.shards import WorkDir, make_plan, merge, run_stages
 from megallama.data.steps import StepsConfig
 from tests.test_data_curate import WORDS, mutate, prose
@@ -67,7 +69,7 @@ def reference(pages: list, source: str, threshold: float = 0.9) -> list:
                 seen.add(key)
                 out.append(line)
             text = "".join(out)
-            if not text.strip() or web_filter(text, cfg):
+            if not text.strip() or any(rule.fails(text.split(), text) for rule in web_rules(StepsConfig())):
                 continue
         elif text in seen:
             continue

@@ -1,5 +1,5 @@
 """Web quality heuristics (Gopher-style length and symbol ratios), one step per rule so the report says
-which removed what (copied from ``megallama.data.curate.web_filter``, same names and thresholds)."""
+which removed what (the one copy: curate.py keeps only line keys and MinHash)."""
 
 from __future__ import annotations
 
