@@ -38,6 +38,7 @@ from megallama.finetune import (add_finetune_arguments, check_init_from, check_t
 from megallama.kernels import describe as describe_kernels
 from megallama.metrics import Progress, peak_flops_per_device
 from megallama.preflight import check_inputs
+from megallama.runlock import run_lock
 from megallama.model import PipelineLoss, Transformer, canonical_name, init_parameters, pipeline_layers
 from parallel import gemm
 from parallel.grad import global_grad_norm
@@ -57,7 +58,8 @@ def run(args) -> int:
     deepspeed_config(cfg, world)  # a bad or contradicting ds_template: one line before any process group
     together = False  # whether every rank reaches the end, so they can leave the group in step
     try:
-        train(cfg)
+        with run_lock(cfg.train.run_dir):  # rank 0: one trainer per run directory, or one line (exit 2)
+            train(cfg)
         together = True
     except SystemExit as exc:
         together = exc.code == EXIT_PREEMPTED  # every rank agreed on the stop and saved
@@ -78,7 +80,7 @@ def run(args) -> int:
 # What megallama itself writes into a run directory: a directory holding only these (say, a run
 # that died before its first checkpoint) may be trained into again; anything else is refused.
 RUN_ARTEFACTS = {"checkpoints", "tensorboard", "metrics.jsonl", "heartbeats", "config.yaml", "summary.json",
-                 "energy.json", "failure.json"}
+                 "energy.json", "failure.json", "run.lock"}
 
 
 def check_environment(cfg: Config) -> None:
