@@ -30,7 +30,7 @@ from parallel.topology import ParallelContext
 # What megallama itself writes into a run directory: a directory holding only these (say, a run
 # that died before its first checkpoint) may be trained into again; anything else is refused.
 RUN_ARTEFACTS = {"checkpoints", "tensorboard", "metrics.jsonl", "heartbeats", "config.yaml", "summary.json",
-                 "energy.json", "failure.json"}
+                 "energy.json", "failure.json", "run.lock"}
 
 NEW, RESUME, WEIGHTS, INIT_FROM = "new", "resume", "weights", "init-from"
 

@@ -23,6 +23,7 @@ from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, building, wri
 from megallama.config import ModelConfig
 from megallama.convert import hf_config, hf_to_ours, ours_to_hf
 from megallama.errors import CheckpointError, UserError
+from megallama.hf_safe import check_no_remote_code
 from tools.checkpoint_io import check_new_output, check_not_source, commit_directory, ffn_settings, imported_config, source_number
 
 # ----------------------------------------------------------------------------- export
@@ -182,6 +183,7 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
 def import_hf(directory, out, tp: int = 1, pp: int = 1) -> Path:
     directory = Path(directory)
     check_new_output(out)
+    check_no_remote_code(directory)  # its weights are read as data, but a custom architecture is refused up front
     model_cfg = model_config_from_hf(directory / "config.json")
     cfg = imported_config(model_cfg, tp, pp)
     hf = read_hf_weights(directory)

@@ -10,6 +10,7 @@ import torch
 
 from megallama.config import Config, add_config_arguments, config_from_args
 from megallama.distributed import shutdown, world_size_from_env
+from megallama.runlock import run_lock
 from megallama.engine import deepspeed_config
 from megallama.errors import ConfigError, UserError, say
 from megallama.faults import EXIT_HALTED, Faults, TrainingHalted, report_failure
@@ -31,7 +32,8 @@ def run(args) -> int:
     deepspeed_config(cfg, world)  # a bad or contradicting ds_template: one line before any process group
     together = False  # whether every rank reaches the end, so they can leave the group in step
     try:
-        train(cfg)
+        with run_lock(cfg.train.run_dir):  # rank 0: one trainer per run directory, or one line (exit 2)
+            train(cfg)
         together = True
     except SystemExit as exc:
         together = exc.code == EXIT_PREEMPTED  # every rank agreed on the stop and saved

@@ -177,6 +177,9 @@ def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
 
 
 def _load_hf(path: str, device: str, dtype: Optional[torch.dtype]) -> HFAdapter:
+    from megallama.hf_safe import check_no_remote_code, load_pretrained
+
+    check_no_remote_code(path)  # before transformers is even imported
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -186,7 +189,7 @@ def _load_hf(path: str, device: str, dtype: Optional[torch.dtype]) -> HFAdapter:
     if not os.path.isfile(tok_path):
         raise CheckpointError(f"{path} has no tokenizer.model; copy the SentencePiece model used for training next to config.json")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        model = load_pretrained(AutoModelForCausalLM, path, dtype=dtype or torch.float32)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load Hugging Face model from {path}: {str(exc).splitlines()[0]}")
     with open(os.path.join(path, "config.json")) as f:
