@@ -38,7 +38,9 @@ def reference_logprob(lm, context: str, continuation: str) -> float:
 def reference_choice(lm, example, prefix, norm):
     contexts = example.choice_contexts or [example.context] * len(example.choices)
     lps = [reference_logprob(lm, prefix + c, x) for c, x in zip(contexts, example.choices)]
-    if norm == "char":
+    if norm == "norm":  # lm-evaluation-harness's acc_norm: the bare choice, without the joining space
+        scores = [lp / len(x[1:] if x.startswith(" ") else x) for lp, x in zip(lps, example.choices)]
+    elif norm == "char":
         scores = [lp / len(x) for lp, x in zip(lps, example.choices)]
     elif norm == "token":
         scores = [lp / len(encode_pair(lm.tokenizer, prefix + c, x)[1]) for lp, c, x in zip(lps, contexts, example.choices)]
@@ -81,6 +83,28 @@ def test_choice_tasks_match_reference(lm, name, path, fewshot, shots):
             want = sum(q for q, lab in zip(p, ex.extra["mc2_labels"]) if lab) / sum(p)
             assert rec["mc2"] == pytest.approx(want, abs=1e-4)
     assert result.metrics["acc"] == pytest.approx(correct / len(examples))
+
+
+def test_acc_norm_divides_by_the_bare_choice_as_lm_eval():
+    """acc_norm counts the characters of the choice without the space joining it to the context
+    (lm-eval: ``len(choice)``, the delimiter added separately); acc_char keeps that space."""
+    from megallama.eval.scoring import Scored, normalized_scores
+
+    choices, scored = [" ab", " abcdefg"], [Scored(-2.0, 1, False), Scored(-5.5, 2, False)]
+    assert normalized_scores("norm", choices, scored) == pytest.approx([-2.0 / 2, -5.5 / 7])  # picks 1
+    assert normalized_scores("char", choices, scored) == pytest.approx([-2.0 / 3, -5.5 / 8])  # picks 0
+    assert normalized_scores("norm", ["x", "yz"], scored) == pytest.approx([-2.0, -5.5 / 2])  # no space: as is
+
+
+def test_every_choice_task_reports_each_normalisation(lm):
+    spec = TaskSpec("arc_challenge", os.path.join(FIX, "ARC-Challenge-Dev.jsonl"))
+    result = harness.evaluate_task(lm, spec, EvalOptions())
+    assert result.metrics["norm"] == "norm"  # the published ARC/HellaSwag/PIQA convention is the default
+    examples = FORMATS["arc_challenge"].reader(spec.path)
+    for n in ("none", "norm", "char", "token"):
+        want = sum(reference_choice(lm, e, "", n)[1] == e.gold for e in examples) / len(examples)
+        assert result.metrics[f"acc_{n}"] == pytest.approx(want)
+    assert result.metrics["acc"] == result.metrics["acc_norm"]
 
 
 def test_shared_and_flat_paths_agree_with_reference(lm):

@@ -15,8 +15,8 @@ from megallama.eval import metrics
 from megallama.eval.executor import Limits, humaneval_program, mbpp_program, run_programs
 from megallama.eval.formats import FORMATS, Example, Format
 from megallama.eval.lm import LanguageModel
-from megallama.eval.scoring import (NORMALIZATIONS, UNCONDITIONAL_CONTEXT, Request, argmax, loglikelihoods,
-                                    normalized_scores, token_stream_perplexity)
+from megallama.eval.scoring import (NORMALIZATIONS, REPORTED_NORMS, UNCONDITIONAL_CONTEXT, Request, argmax,
+                                    loglikelihoods, normalized_scores, token_stream_perplexity)
 from megallama.generation import SamplingParams, generate
 
 TASK_NAMES = tuple(FORMATS) + ("perplexity",)
@@ -175,11 +175,11 @@ def _choice(lm, spec, fmt, examples, prefixes, opts):
         s = cond[pos: pos + k]
         u = unc[upos: upos + k] if unc else None
         pos, upos = pos + k, upos + (k if unc else 0)
-        per_norm = {n: normalized_scores(n, e.choices, s) for n in ("none", "char", "token")}
+        per_norm = {n: normalized_scores(n, e.choices, s) for n in REPORTED_NORMS}
         per_norm["chosen"] = normalized_scores(norm, e.choices, s, u)
         record = {"gold": e.gold, "logprobs": [x.logprob for x in s], "group": e.group,
                   "pred": argmax(per_norm["chosen"])}
-        for n in ("none", "char", "token"):
+        for n in REPORTED_NORMS:
             hits[f"acc_{n}"].append(float(argmax(per_norm[n]) == e.gold))
         hits["acc"].append(float(record["pred"] == e.gold))
         if e.group:

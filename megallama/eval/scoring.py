@@ -156,8 +156,15 @@ def _score_shared(lm: LanguageModel, pairs: list[tuple[list[int], list[int]]]) -
 
 # ---- multiple-choice normalisations ---------------------------------------------------------------
 
-NORMALIZATIONS = ("none", "char", "token", "unconditional")
+NORMALIZATIONS = ("none", "norm", "char", "token", "unconditional")
+REPORTED_NORMS = ("none", "norm", "char", "token")  # every multiple-choice task reports acc_<each>
 UNCONDITIONAL_CONTEXT = "Answer:"  # Brown et al. 2020: P(completion|context) / P(completion|"Answer:")
+
+
+def bare_choice(continuation: str) -> str:
+    """The answer text without the one space that joins it to the context (lm-eval's
+    ``target_delimiter``): what lm-eval's ``acc_norm`` counts the characters of."""
+    return continuation[1:] if continuation.startswith(" ") else continuation
 
 
 def normalized_scores(norm: str, continuations: Sequence[str], cond: Sequence[Scored],
@@ -165,7 +172,9 @@ def normalized_scores(norm: str, continuations: Sequence[str], cond: Sequence[Sc
     """Per-choice scores under ``norm`` (higher is better)."""
     if norm == "none":
         return [s.logprob for s in cond]
-    if norm == "char":  # Gao et al. 2021: log-likelihood per character of the completion
+    if norm == "norm":  # lm-evaluation-harness's acc_norm: per character of the bare choice
+        return [s.logprob / max(1, len(bare_choice(c))) for s, c in zip(cond, continuations)]
+    if norm == "char":  # per character of the whole continuation, its leading space included
         return [s.logprob / max(1, len(c)) for s, c in zip(cond, continuations)]
     if norm == "token":
         return [s.logprob / s.n_tokens for s in cond]
