@@ -118,6 +118,42 @@ def test_shared_and_flat_paths_agree_with_reference(lm):
         assert s.n_tokens == f.n_tokens and s.is_greedy == f.is_greedy
 
 
+@pytest.fixture(scope="module")
+def llama_whitespace_tokenizer(tmp_path_factory):
+    """A SentencePiece model that keeps whitespace as written (``remove_extra_whitespaces=False``,
+    like Meta's LLaMA tokenizer): there a context ending in a space encodes to a bare ``▁``."""
+    import io
+
+    import sentencepiece as spm
+
+    from megallama.eval.lm import load_tokenizer
+    from megallama.eval.tiny import _stdlib_text
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([ln for ln in _stdlib_text(100_000).splitlines() if ln.strip()]),
+                                   model_writer=buf, vocab_size=512, model_type="bpe", byte_fallback=True, bos_id=1,
+                                   eos_id=2, unk_id=0, pad_id=-1, remove_extra_whitespaces=False, minloglevel=2)
+    path = tmp_path_factory.mktemp("spm") / "tokenizer.model"
+    path.write_bytes(buf.getvalue())
+    return load_tokenizer(str(path))
+
+
+def test_trailing_whitespace_of_the_context_moves_into_the_continuation(lm, llama_whitespace_tokenizer):
+    """As lm-eval: ``("The total is ", "accumulate")`` is scored as ``("The total is", " accumulate")``,
+    the tokens the text "The total is accumulate" has, not a bare ``▁`` then an unspaced word."""
+    tok = llama_whitespace_tokenizer
+    piece = tok._sp.IdToPiece
+    assert piece(tok.encode("The total is ")[-1]) == "▁"  # the tokenisation the old rule scored on
+    ctx, cont = encode_pair(tok, "The total is ", "accumulate")
+    whole = tok.encode("The total is accumulate", bos=True)
+    assert ctx == tok.encode("The total is", bos=True) and ctx + cont == whole
+    assert piece(cont[0]).startswith("▁")
+    assert encode_pair(tok, "x =\n  ", "y") == encode_pair(tok, "x =", "\n  y")  # any whitespace, as rstrip
+    lm2 = type(lm)(lm.model, tok)
+    got = loglikelihoods(lm2, [Request("The total is ", "accumulate"), Request("The total is", " accumulate")])
+    assert got[0] == got[1]
+
+
 def test_long_context_is_truncated_from_the_left(lm):
     ctx = "word " * 2000
     reqs = [Request(ctx, " end"), Request(ctx, " a much longer ending than the other one")]

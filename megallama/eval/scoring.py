@@ -38,17 +38,23 @@ class Scored:
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Token ids of BOS + context and of the continuation.
 
-    The pair is encoded as one string and split where the context's own encoding ends, so a word
-    straddling the boundary is tokenized as the model saw such text in training; if the context's
-    tokens are not a prefix of the joint encoding the two parts are encoded separately.
+    Whitespace that ends the context is moved to the front of the continuation first, as
+    lm-evaluation-harness does: a SentencePiece text never has a bare ``▁`` token before a word
+    (``"to accumulate"`` is ``▁to ▁acc um ulate``), so a context ending in a space would otherwise
+    be scored on a tokenisation that never occurs in text.  The pair is then encoded as one string
+    and split where the context's own encoding ends, so a word straddling the boundary is tokenized
+    as the model saw such text in training.  Only if the context's tokens are still not a prefix of
+    the joint encoding (a merge across the boundary) is the continuation encoded on its own, as text
+    that follows other text (no dummy prefix, where the tokenizer has one).
     """
+    stripped = context.rstrip()
+    context, continuation = stripped, context[len(stripped):] + continuation
     ctx = tok.encode(context, bos=True) if context else [tok.bos_id]
     if not context:
         return ctx, tok.encode(continuation)
     whole = tok.encode(context + continuation, bos=True)
     if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
         return ctx, whole[len(ctx):]
-    # encoded on its own, as the text after the context (no dummy prefix, where the tokenizer has one)
     return ctx, getattr(tok, "encode_continuation", tok.encode)(continuation)
 
 
