@@ -319,9 +319,30 @@ def _perplexity(lm, spec: TaskSpec) -> TaskResult:
 
 # ---- output ---------------------------------------------------------------------------------------
 
+def task_keys(specs: Sequence[TaskSpec]) -> list[str]:
+    """One distinct name per task, for results.json, the tables and TensorBoard tags.
+
+    A task's name when no other task of the run has it; otherwise ``NAME:FILE`` (the file's base
+    name), and where even that repeats (the same file twice, say with different shots) ``#2``,
+    ``#3``... after the second and later ones, in command-line order."""
+    names = [s.name for s in specs]
+    keys = [s.name if names.count(s.name) == 1 else f"{s.name}:{os.path.basename(os.path.normpath(s.path)) or s.name}"
+            for s in specs]
+    seen: dict[str, int] = {}
+    out = []
+    for k in keys:
+        seen[k] = seen.get(k, 0) + 1
+        out.append(k if seen[k] == 1 else f"{k}#{seen[k]}")
+    return out
+
+
 def evaluate(lm: LanguageModel, tasks: Sequence, opts: EvalOptions) -> list[TaskResult]:
-    """Score :class:`TaskSpec` or :class:`PreparedTask` items in order."""
-    return [evaluate_task(lm, t, opts) for t in tasks]
+    """Score :class:`TaskSpec` or :class:`PreparedTask` items in order; each result's ``task`` is its
+    distinct key (:func:`task_keys`)."""
+    results = [evaluate_task(lm, t, opts) for t in tasks]
+    for r, key in zip(results, task_keys([t.spec if isinstance(t, PreparedTask) else t for t in tasks])):
+        r.task = key
+    return results
 
 
 def headline(result: TaskResult) -> tuple[str, float]:
@@ -359,6 +380,9 @@ def write_results(results: Sequence[TaskResult], path: str, config: dict, force:
     for p in (path, md_path):
         if os.path.exists(p) and not force:
             raise UserError(f"{p} already exists; pass --force to overwrite or choose another --output")
+    if len({r.task for r in results}) != len(results):  # never drop a task's figures silently
+        raise ValueError(f"two results share a task name ({', '.join(r.task for r in results)}); "
+                         "evaluate() gives each its distinct key")
     payload = {"config": config, "results": {r.task: {"metrics": r.metrics, "n": r.n, "records": r.records} for r in results}}
     model = os.path.basename(os.path.normpath(str(config.get("checkpoint", "")))) or "model"
     table = markdown_table(results) + "\n" + paper_row(results, model)
