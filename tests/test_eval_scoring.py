@@ -161,11 +161,36 @@ def test_long_context_is_truncated_from_the_left(lm):
     flat = loglikelihoods(lm, reqs, share_context=False)
     assert [g.logprob for g in got] == pytest.approx([f.logprob for f in flat], abs=1e-4)
     ids, cont = encode_pair(lm.tokenizer, ctx, reqs[1].continuation)
-    kept = ids[-(lm.max_seq_len - len(cont)):]  # the oldest tokens go, the window is full
+    kept = ids[:1] + ids[-(lm.max_seq_len - len(cont) - 1):]  # BOS and the newest tokens: the window is full
     with torch.no_grad():
         lp = F.log_softmax(lm.model(input_ids=torch.tensor([kept + cont])).logits[0].double(), -1)
     want = sum(float(lp[len(kept) - 1 + i, t]) for i, t in enumerate(cont))
     assert got[1].logprob == pytest.approx(want, abs=1e-4)
+
+
+def test_generation_prompts_and_scored_contexts_are_cut_by_one_rule(lm):
+    """A prompt too long for the window and a scored context with the same room keep the same
+    tokens (BOS and the most recent ones): the generated token is the argmax the scorer sees."""
+    from megallama.generation import SamplingParams, generate, keep_window
+
+    small = type(lm)(lm.model, lm.tokenizer, max_seq_len=48)
+    text = "def f(x):\n    return x + 1\n" * 40
+    ids = lm.tokenizer.encode(text.rstrip(), bos=True)
+    n = 3
+    kept = keep_window(ids, small.max_seq_len - n)
+    assert kept[0] == lm.tokenizer.bos_id and kept[1:] == ids[-(small.max_seq_len - n - 1):]
+    with torch.no_grad():
+        logits = lm.model(input_ids=torch.tensor([kept])).logits[0, -1, : lm.vocab_size]
+    first = generate(small, [text.rstrip()], SamplingParams(max_new_tokens=n))[0].tokens[0]
+    assert first == int(logits.argmax())
+    cont = lm.tokenizer.decode([first])
+    ctx_ids, cont_ids = encode_pair(lm.tokenizer, text.rstrip(), cont)
+    scored = loglikelihoods(small, [Request(text.rstrip(), cont)])[0]
+    window = keep_window(ctx_ids, small.max_seq_len - len(cont_ids))
+    with torch.no_grad():
+        lp = F.log_softmax(lm.model(input_ids=torch.tensor([window + cont_ids])).logits[0].double(), -1)
+    assert scored.logprob == pytest.approx(sum(float(lp[len(window) - 1 + i, t]) for i, t in enumerate(cont_ids)), abs=1e-4)
+    assert window[0] == lm.tokenizer.bos_id
 
 
 def test_crows_pairs_percentage_per_category(lm):

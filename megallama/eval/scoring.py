@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from megallama.eval.lm import LanguageModel
+from megallama.generation import keep_window
 
 
 @dataclass(frozen=True)
@@ -59,11 +60,12 @@ def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[i
 
 
 def _fit(ctx: list[int], cont_len: int, max_len: int) -> list[int]:
-    """Drop the oldest context tokens so context + the question's longest continuation fit the window."""
+    """Context of a question whose longest continuation has ``cont_len`` tokens, cut to the window by
+    generation's rule (:func:`~megallama.generation.keep_window`: BOS and the most recent tokens)."""
     keep = max_len - cont_len
     if keep < 1:
         raise ValueError(f"continuation of {cont_len} tokens does not fit a {max_len}-token window")
-    return ctx[-keep:] if len(ctx) > keep else ctx
+    return keep_window(ctx, keep)
 
 
 def _score_rows(logprobs: torch.Tensor, targets: torch.Tensor) -> tuple[float, bool]:
