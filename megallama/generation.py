@@ -104,8 +104,12 @@ def decode_after(tok, prompt: Sequence[int], ids: Sequence[int]) -> str:
     return whole[len(head):] if anchor and whole.startswith(head) else tok.decode(ids)
 
 
-def _keep_end(ids: list[int], budget: int) -> list[int]:
-    """A prompt too long for the window keeps its BOS and its most recent tokens."""
+def keep_window(ids: list[int], budget: int) -> list[int]:
+    """The one truncation rule of generation prompts and scored contexts (``ids`` start with BOS):
+    a sequence longer than ``budget`` keeps its BOS and its most recent ``budget - 1`` tokens, so the
+    model always reads text from BOS, as in every perplexity window."""
+    if budget < 1:
+        raise ValueError(f"a budget of {budget} tokens leaves no room even for BOS")
     return ids if len(ids) <= budget else ids[:1] + ids[len(ids) - budget + 1:]
 
 
@@ -128,7 +132,7 @@ def generate(lm, prompts: Sequence[str], params: SamplingParams,
     if budget < 1:
         raise UserError(f"--max-new-tokens {params.max_new_tokens} leaves no room for a prompt in the "
                         f"model's {lm.max_seq_len}-token window; lower it")
-    encoded = [_keep_end(tok.encode(p, bos=True), budget) for p in prompts]
+    encoded = [keep_window(tok.encode(p, bos=True), budget) for p in prompts]
     lengths = [len(e) for e in encoded]
     total = max(lengths) + params.max_new_tokens
     bsz = len(encoded)

@@ -216,3 +216,20 @@ def test_malformed_task_records_are_one_line_errors(ckpt, tmp_path, name, conten
         (tmp_path / "task-labels.lst").write_text("0\n")
     r = cli("eval", "--checkpoint", ckpt, "--task", f"{name}={path}")
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_tasks_sharing_a_name_keep_distinct_keys_in_results(lm, tmp_path):
+    """Two `choice` files (and the same file twice) in one run: results.json keeps every task."""
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"context": "1 + 1 =", "choices": [" 2", " 3"], "gold": 0}\n')
+    generic = os.path.join(FIX, "generic_choice.jsonl")
+    specs = [TaskSpec("choice", generic), TaskSpec("choice", str(other)), TaskSpec("choice", generic, shots=0),
+             TaskSpec("perplexity", os.path.join(FIX, "text.txt"))]
+    results = harness.evaluate(lm, specs, EvalOptions())
+    keys = ["choice:generic_choice.jsonl", "choice:other.jsonl", "choice:generic_choice.jsonl#2", "perplexity"]
+    assert [r.task for r in results] == keys == harness.task_keys(specs)
+    out = tmp_path / "r.json"
+    harness.write_results(results, str(out), {})
+    saved = json.loads(out.read_text())["results"]
+    assert list(saved) == keys and saved["choice:other.jsonl"]["n"] == 1
+    assert saved["choice:generic_choice.jsonl"] == saved["choice:generic_choice.jsonl#2"]

@@ -38,7 +38,9 @@ def reference_logprob(lm, context: str, continuation: str) -> float:
 def reference_choice(lm, example, prefix, norm):
     contexts = example.choice_contexts or [example.context] * len(example.choices)
     lps = [reference_logprob(lm, prefix + c, x) for c, x in zip(contexts, example.choices)]
-    if norm == "char":
+    if norm == "norm":  # lm-evaluation-harness's acc_norm: the bare choice, without the joining space
+        scores = [lp / len(x[1:] if x.startswith(" ") else x) for lp, x in zip(lps, example.choices)]
+    elif norm == "char":
         scores = [lp / len(x) for lp, x in zip(lps, example.choices)]
     elif norm == "token":
         scores = [lp / len(encode_pair(lm.tokenizer, prefix + c, x)[1]) for lp, c, x in zip(lps, contexts, example.choices)]
@@ -83,6 +85,28 @@ def test_choice_tasks_match_reference(lm, name, path, fewshot, shots):
     assert result.metrics["acc"] == pytest.approx(correct / len(examples))
 
 
+def test_acc_norm_divides_by_the_bare_choice_as_lm_eval():
+    """acc_norm counts the characters of the choice without the space joining it to the context
+    (lm-eval: ``len(choice)``, the delimiter added separately); acc_char keeps that space."""
+    from megallama.eval.scoring import Scored, normalized_scores
+
+    choices, scored = [" ab", " abcdefg"], [Scored(-2.0, 1, False), Scored(-5.5, 2, False)]
+    assert normalized_scores("norm", choices, scored) == pytest.approx([-2.0 / 2, -5.5 / 7])  # picks 1
+    assert normalized_scores("char", choices, scored) == pytest.approx([-2.0 / 3, -5.5 / 8])  # picks 0
+    assert normalized_scores("norm", ["x", "yz"], scored) == pytest.approx([-2.0, -5.5 / 2])  # no space: as is
+
+
+def test_every_choice_task_reports_each_normalisation(lm):
+    spec = TaskSpec("arc_challenge", os.path.join(FIX, "ARC-Challenge-Dev.jsonl"))
+    result = harness.evaluate_task(lm, spec, EvalOptions())
+    assert result.metrics["norm"] == "norm"  # the published ARC/HellaSwag/PIQA convention is the default
+    examples = FORMATS["arc_challenge"].reader(spec.path)
+    for n in ("none", "norm", "char", "token"):
+        want = sum(reference_choice(lm, e, "", n)[1] == e.gold for e in examples) / len(examples)
+        assert result.metrics[f"acc_{n}"] == pytest.approx(want)
+    assert result.metrics["acc"] == result.metrics["acc_norm"]
+
+
 def test_shared_and_flat_paths_agree_with_reference(lm):
     reqs = [Request("The capital of France is", x) for x in (" Paris", " a city of lights", " x")]
     reqs += [Request("", "A whole sentence."), Request("def f(x):", "\n    return x"), reqs[0]]
@@ -94,6 +118,42 @@ def test_shared_and_flat_paths_agree_with_reference(lm):
         assert s.n_tokens == f.n_tokens and s.is_greedy == f.is_greedy
 
 
+@pytest.fixture(scope="module")
+def llama_whitespace_tokenizer(tmp_path_factory):
+    """A SentencePiece model that keeps whitespace as written (``remove_extra_whitespaces=False``,
+    like Meta's LLaMA tokenizer): there a context ending in a space encodes to a bare ``▁``."""
+    import io
+
+    import sentencepiece as spm
+
+    from megallama.eval.lm import load_tokenizer
+    from megallama.eval.tiny import _stdlib_text
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([ln for ln in _stdlib_text(100_000).splitlines() if ln.strip()]),
+                                   model_writer=buf, vocab_size=512, model_type="bpe", byte_fallback=True, bos_id=1,
+                                   eos_id=2, unk_id=0, pad_id=-1, remove_extra_whitespaces=False, minloglevel=2)
+    path = tmp_path_factory.mktemp("spm") / "tokenizer.model"
+    path.write_bytes(buf.getvalue())
+    return load_tokenizer(str(path))
+
+
+def test_trailing_whitespace_of_the_context_moves_into_the_continuation(lm, llama_whitespace_tokenizer):
+    """As lm-eval: ``("The total is ", "accumulate")`` is scored as ``("The total is", " accumulate")``,
+    the tokens the text "The total is accumulate" has, not a bare ``▁`` then an unspaced word."""
+    tok = llama_whitespace_tokenizer
+    piece = tok._sp.IdToPiece
+    assert piece(tok.encode("The total is ")[-1]) == "▁"  # the tokenisation the old rule scored on
+    ctx, cont = encode_pair(tok, "The total is ", "accumulate")
+    whole = tok.encode("The total is accumulate", bos=True)
+    assert ctx == tok.encode("The total is", bos=True) and ctx + cont == whole
+    assert piece(cont[0]).startswith("▁")
+    assert encode_pair(tok, "x =\n  ", "y") == encode_pair(tok, "x =", "\n  y")  # any whitespace, as rstrip
+    lm2 = type(lm)(lm.model, tok)
+    got = loglikelihoods(lm2, [Request("The total is ", "accumulate"), Request("The total is", " accumulate")])
+    assert got[0] == got[1]
+
+
 def test_long_context_is_truncated_from_the_left(lm):
     ctx = "word " * 2000
     reqs = [Request(ctx, " end"), Request(ctx, " a much longer ending than the other one")]
@@ -101,11 +161,36 @@ def test_long_context_is_truncated_from_the_left(lm):
     flat = loglikelihoods(lm, reqs, share_context=False)
     assert [g.logprob for g in got] == pytest.approx([f.logprob for f in flat], abs=1e-4)
     ids, cont = encode_pair(lm.tokenizer, ctx, reqs[1].continuation)
-    kept = ids[-(lm.max_seq_len - len(cont)):]  # the oldest tokens go, the window is full
+    kept = ids[:1] + ids[-(lm.max_seq_len - len(cont) - 1):]  # BOS and the newest tokens: the window is full
     with torch.no_grad():
         lp = F.log_softmax(lm.model(input_ids=torch.tensor([kept + cont])).logits[0].double(), -1)
     want = sum(float(lp[len(kept) - 1 + i, t]) for i, t in enumerate(cont))
     assert got[1].logprob == pytest.approx(want, abs=1e-4)
+
+
+def test_generation_prompts_and_scored_contexts_are_cut_by_one_rule(lm):
+    """A prompt too long for the window and a scored context with the same room keep the same
+    tokens (BOS and the most recent ones): the generated token is the argmax the scorer sees."""
+    from megallama.generation import SamplingParams, generate, keep_window
+
+    small = type(lm)(lm.model, lm.tokenizer, max_seq_len=48)
+    text = "def f(x):\n    return x + 1\n" * 40
+    ids = lm.tokenizer.encode(text.rstrip(), bos=True)
+    n = 3
+    kept = keep_window(ids, small.max_seq_len - n)
+    assert kept[0] == lm.tokenizer.bos_id and kept[1:] == ids[-(small.max_seq_len - n - 1):]
+    with torch.no_grad():
+        logits = lm.model(input_ids=torch.tensor([kept])).logits[0, -1, : lm.vocab_size]
+    first = generate(small, [text.rstrip()], SamplingParams(max_new_tokens=n))[0].tokens[0]
+    assert first == int(logits.argmax())
+    cont = lm.tokenizer.decode([first])
+    ctx_ids, cont_ids = encode_pair(lm.tokenizer, text.rstrip(), cont)
+    scored = loglikelihoods(small, [Request(text.rstrip(), cont)])[0]
+    window = keep_window(ctx_ids, small.max_seq_len - len(cont_ids))
+    with torch.no_grad():
+        lp = F.log_softmax(lm.model(input_ids=torch.tensor([window + cont_ids])).logits[0].double(), -1)
+    assert scored.logprob == pytest.approx(sum(float(lp[len(window) - 1 + i, t]) for i, t in enumerate(cont_ids)), abs=1e-4)
+    assert window[0] == lm.tokenizer.bos_id
 
 
 def test_crows_pairs_percentage_per_category(lm):

@@ -19,7 +19,7 @@ def add_arguments(p):
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N examples of each task")
     p.add_argument("--output", default="", help="results JSON (a Markdown table is written next to it as .md)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --output")
-    p.add_argument("--norm", default="", help="override the multiple-choice normalisation: none|char|token|unconditional")
+    p.add_argument("--norm", default="", help="override the multiple-choice normalisation: none|norm|char|token|unconditional")
     p.add_argument("--samples", type=int, default=1, help="generations per example for pass@k / maj1@k (1 = greedy)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when --samples > 1")
     p.add_argument("--top-p", type=float, default=0.95)

@@ -439,7 +439,7 @@ def generic_generate(path: str) -> list[Example]:
 @dataclass(frozen=True)
 class Format:
     reader: Callable[[str], list[Example]]
-    norm: str = "char"  # choice tasks: the paper's normalisation for this benchmark
+    norm: str = "norm"  # choice tasks: the paper's normalisation (per character of the bare choice, as lm-eval)
     separator: str = "\n\n"  # between few-shot shots
     stop: tuple[str, ...] = ()
     max_new_tokens: int = 64

@@ -15,8 +15,8 @@ from megallama.eval import metrics
 from megallama.eval.executor import Limits, humaneval_program, mbpp_program, run_programs
 from megallama.eval.formats import FORMATS, Example, Format
 from megallama.eval.lm import LanguageModel
-from megallama.eval.scoring import (NORMALIZATIONS, UNCONDITIONAL_CONTEXT, Request, argmax, loglikelihoods,
-                                    normalized_scores, token_stream_perplexity)
+from megallama.eval.scoring import (NORMALIZATIONS, REPORTED_NORMS, UNCONDITIONAL_CONTEXT, Request, argmax,
+                                    loglikelihoods, normalized_scores, token_stream_perplexity)
 from megallama.generation import SamplingParams, generate
 
 TASK_NAMES = tuple(FORMATS) + ("perplexity",)
@@ -175,11 +175,11 @@ def _choice(lm, spec, fmt, examples, prefixes, opts):
         s = cond[pos: pos + k]
         u = unc[upos: upos + k] if unc else None
         pos, upos = pos + k, upos + (k if unc else 0)
-        per_norm = {n: normalized_scores(n, e.choices, s) for n in ("none", "char", "token")}
+        per_norm = {n: normalized_scores(n, e.choices, s) for n in REPORTED_NORMS}
         per_norm["chosen"] = normalized_scores(norm, e.choices, s, u)
         record = {"gold": e.gold, "logprobs": [x.logprob for x in s], "group": e.group,
                   "pred": argmax(per_norm["chosen"])}
-        for n in ("none", "char", "token"):
+        for n in REPORTED_NORMS:
             hits[f"acc_{n}"].append(float(argmax(per_norm[n]) == e.gold))
         hits["acc"].append(float(record["pred"] == e.gold))
         if e.group:
@@ -319,9 +319,30 @@ def _perplexity(lm, spec: TaskSpec) -> TaskResult:
 
 # ---- output ---------------------------------------------------------------------------------------
 
+def task_keys(specs: Sequence[TaskSpec]) -> list[str]:
+    """One distinct name per task, for results.json, the tables and TensorBoard tags.
+
+    A task's name when no other task of the run has it; otherwise ``NAME:FILE`` (the file's base
+    name), and where even that repeats (the same file twice, say with different shots) ``#2``,
+    ``#3``... after the second and later ones, in command-line order."""
+    names = [s.name for s in specs]
+    keys = [s.name if names.count(s.name) == 1 else f"{s.name}:{os.path.basename(os.path.normpath(s.path)) or s.name}"
+            for s in specs]
+    seen: dict[str, int] = {}
+    out = []
+    for k in keys:
+        seen[k] = seen.get(k, 0) + 1
+        out.append(k if seen[k] == 1 else f"{k}#{seen[k]}")
+    return out
+
+
 def evaluate(lm: LanguageModel, tasks: Sequence, opts: EvalOptions) -> list[TaskResult]:
-    """Score :class:`TaskSpec` or :class:`PreparedTask` items in order."""
-    return [evaluate_task(lm, t, opts) for t in tasks]
+    """Score :class:`TaskSpec` or :class:`PreparedTask` items in order; each result's ``task`` is its
+    distinct key (:func:`task_keys`)."""
+    results = [evaluate_task(lm, t, opts) for t in tasks]
+    for r, key in zip(results, task_keys([t.spec if isinstance(t, PreparedTask) else t for t in tasks])):
+        r.task = key
+    return results
 
 
 def headline(result: TaskResult) -> tuple[str, float]:
@@ -359,6 +380,9 @@ def write_results(results: Sequence[TaskResult], path: str, config: dict, force:
     for p in (path, md_path):
         if os.path.exists(p) and not force:
             raise UserError(f"{p} already exists; pass --force to overwrite or choose another --output")
+    if len({r.task for r in results}) != len(results):  # never drop a task's figures silently
+        raise ValueError(f"two results share a task name ({', '.join(r.task for r in results)}); "
+                         "evaluate() gives each its distinct key")
     payload = {"config": config, "results": {r.task: {"metrics": r.metrics, "n": r.n, "records": r.records} for r in results}}
     model = os.path.basename(os.path.normpath(str(config.get("checkpoint", "")))) or "model"
     table = markdown_table(results) + "\n" + paper_row(results, model)

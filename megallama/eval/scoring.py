@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from megallama.eval.lm import LanguageModel
+from megallama.generation import keep_window
 
 
 @dataclass(frozen=True)
@@ -38,26 +39,33 @@ class Scored:
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Token ids of BOS + context and of the continuation.
 
-    The pair is encoded as one string and split where the context's own encoding ends, so a word
-    straddling the boundary is tokenized as the model saw such text in training; if the context's
-    tokens are not a prefix of the joint encoding the two parts are encoded separately.
+    Whitespace that ends the context is moved to the front of the continuation first, as
+    lm-evaluation-harness does: a SentencePiece text never has a bare ``▁`` token before a word
+    (``"to accumulate"`` is ``▁to ▁acc um ulate``), so a context ending in a space would otherwise
+    be scored on a tokenisation that never occurs in text.  The pair is then encoded as one string
+    and split where the context's own encoding ends, so a word straddling the boundary is tokenized
+    as the model saw such text in training.  Only if the context's tokens are still not a prefix of
+    the joint encoding (a merge across the boundary) is the continuation encoded on its own, as text
+    that follows other text (no dummy prefix, where the tokenizer has one).
     """
+    stripped = context.rstrip()
+    context, continuation = stripped, context[len(stripped):] + continuation
     ctx = tok.encode(context, bos=True) if context else [tok.bos_id]
     if not context:
         return ctx, tok.encode(continuation)
     whole = tok.encode(context + continuation, bos=True)
     if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
         return ctx, whole[len(ctx):]
-    # encoded on its own, as the text after the context (no dummy prefix, where the tokenizer has one)
     return ctx, getattr(tok, "encode_continuation", tok.encode)(continuation)
 
 
 def _fit(ctx: list[int], cont_len: int, max_len: int) -> list[int]:
-    """Drop the oldest context tokens so context + the question's longest continuation fit the window."""
+    """Context of a question whose longest continuation has ``cont_len`` tokens, cut to the window by
+    generation's rule (:func:`~megallama.generation.keep_window`: BOS and the most recent tokens)."""
     keep = max_len - cont_len
     if keep < 1:
         raise ValueError(f"continuation of {cont_len} tokens does not fit a {max_len}-token window")
-    return ctx[-keep:] if len(ctx) > keep else ctx
+    return keep_window(ctx, keep)
 
 
 def _score_rows(logprobs: torch.Tensor, targets: torch.Tensor) -> tuple[float, bool]:
@@ -156,8 +164,15 @@ def _score_shared(lm: LanguageModel, pairs: list[tuple[list[int], list[int]]]) -
 
 # ---- multiple-choice normalisations ---------------------------------------------------------------
 
-NORMALIZATIONS = ("none", "char", "token", "unconditional")
+NORMALIZATIONS = ("none", "norm", "char", "token", "unconditional")
+REPORTED_NORMS = ("none", "norm", "char", "token")  # every multiple-choice task reports acc_<each>
 UNCONDITIONAL_CONTEXT = "Answer:"  # Brown et al. 2020: P(completion|context) / P(completion|"Answer:")
+
+
+def bare_choice(continuation: str) -> str:
+    """The answer text without the one space that joins it to the context (lm-eval's
+    ``target_delimiter``): what lm-eval's ``acc_norm`` counts the characters of."""
+    return continuation[1:] if continuation.startswith(" ") else continuation
 
 
 def normalized_scores(norm: str, continuations: Sequence[str], cond: Sequence[Scored],
@@ -165,7 +180,9 @@ def normalized_scores(norm: str, continuations: Sequence[str], cond: Sequence[Sc
     """Per-choice scores under ``norm`` (higher is better)."""
     if norm == "none":
         return [s.logprob for s in cond]
-    if norm == "char":  # Gao et al. 2021: log-likelihood per character of the completion
+    if norm == "norm":  # lm-evaluation-harness's acc_norm: per character of the bare choice
+        return [s.logprob / max(1, len(bare_choice(c))) for s, c in zip(cond, continuations)]
+    if norm == "char":  # per character of the whole continuation, its leading space included
         return [s.logprob / max(1, len(c)) for s, c in zip(cond, continuations)]
     if norm == "token":
         return [s.logprob / s.n_tokens for s in cond]
