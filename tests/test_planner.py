@@ -304,3 +304,20 @@ def test_calibrate_gpus_errors_name_calibrate_gpus(tmp_path, gpus, needle):
 def test_calibrate_gpus_without_calibrate_from_is_refused():
     r = megallama("plan", "--preset", "llama-7b", "--gpus", "8", "--calibrate-gpus", "8")
     assert r.returncode == 2 and "--calibrate-gpus only applies with --calibrate-from" in r.stderr
+
+
+def test_stages_are_trainings_own_partition():
+    """The planner's heaviest stage is the one training builds (checkpoint.stage_assignment), for each
+    pipeline_partition: 65B (80 blocks) at pp=4 by parameters is 20+20+20+20 blocks with the two
+    vocabulary matrices on the end stages; 'uniform' balances the 82 layers (embedding, 80 blocks,
+    output) by count, so the second stage holds 21 blocks and no vocabulary matrix."""
+    from tools.planner import Layout, layer_params, params_per_gpu, stages
+
+    m = preset_config("llama-65b").model
+    lp, vocab = layer_params(m), m.padded_vocab_size(1) * m.dim
+    by_params = Layout(gpus=64, pp=4, pipeline_partition="parameters")
+    uniform = Layout(gpus=64, pp=4, pipeline_partition="uniform")
+    assert stages(m, by_params) == [(20, 1), (20, 0), (20, 0), (20, 1)]
+    assert stages(m, uniform) == [(20, 1), (21, 0), (20, 0), (19, 1)]
+    assert params_per_gpu(m, by_params) == 20 * lp + vocab + m.dim
+    assert params_per_gpu(m, uniform) == 21 * lp + m.dim > params_per_gpu(m, by_params)

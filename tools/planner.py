@@ -24,7 +24,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
-from megallama.config import ACTIVATION_CHECKPOINTING, Config, ModelConfig, load_config, validate
+from megallama.config import (ACTIVATION_CHECKPOINTING, PIPELINE_PARTITIONS, Config, ModelConfig, load_config,
+                              validate)
 from megallama.errors import ConfigError, UserError
 from megallama.hardware import GiB, GpuSpec
 from tools.carbon import estimate as carbon_estimate
@@ -48,7 +49,8 @@ class Layout:
     micro_batch: int = 1
     seq_len: int = 2048
     global_batch: int = 2048  # sequences per optimizer step
-    checkpointing: str = "selective"  # none | selective | full
+    checkpointing: str = "selective"  # config.ACTIVATION_CHECKPOINTING
+    pipeline_partition: str = "parameters"  # config.PIPELINE_PARTITIONS: how training balances its stages
     sequence_parallel: bool = True  # only meaningful with tp > 1
     flash_attention: bool = True  # memory-efficient attention: no s^2 probabilities stored
     precision: str = "bf16"
@@ -102,12 +104,38 @@ def layer_params(m: ModelConfig) -> int:
     return (m.num_parameters(include_embedding=False) - m.dim) // m.n_layers
 
 
+_STAGES: dict = {}
+
+
+def stages(m: ModelConfig, lay: Layout) -> list[tuple[int, int]]:
+    """(transformer blocks, vocabulary matrices) of each pipeline stage, as training places them
+    (:func:`megallama.checkpoint.stage_assignment` with the layout's ``pipeline_partition``)."""
+    from megallama.checkpoint import stage_assignment
+
+    key = (repr(m), lay.pp, lay.pipeline_partition)
+    if key not in _STAGES:
+        where = stage_assignment(m, lay.pp, lay.pipeline_partition)
+        blocks = [set() for _ in range(lay.pp)]
+        vocab = [0] * lay.pp
+        for name, stage in where.items():
+            if name.startswith("layers."):
+                blocks[stage].add(int(name.split(".")[1]))
+            elif name in ("tok_embeddings.weight", "output.weight"):
+                vocab[stage] += 1
+        _STAGES[key] = [(len(b), v) for b, v in zip(blocks, vocab)]
+    return _STAGES[key]
+
+
+def stage_blocks(m: ModelConfig, lay: Layout) -> int:
+    """Transformer blocks of the stage holding the most (the slowest, most activations)."""
+    return max(b for b, _ in stages(m, lay))
+
+
 def params_per_gpu(m: ModelConfig, lay: Layout) -> int:
-    """Parameters held by the heaviest rank: its stage's blocks (and one vocabulary matrix) / tp."""
-    per_stage = layer_params(m) * (m.n_layers // lay.pp)
+    """Parameters held by the heaviest rank: its stage's blocks and vocabulary matrices (and the
+    final norm) / tp, stages as training partitions them."""
     vocab = m.padded_vocab_size(lay.tp) * m.dim
-    embeddings = 2 * vocab if lay.pp == 1 else vocab  # first stage: embedding; last: output
-    return (per_stage + embeddings + m.dim) // lay.tp
+    return max(blocks * layer_params(m) + matrices * vocab + m.dim for blocks, matrices in stages(m, lay)) // lay.tp
 
 
 def model_state_bytes(params: int, dp: int, zero_stage: int, largest_layer_params: int = 0,
@@ -215,7 +243,7 @@ def memory_bytes(m: ModelConfig, lay: Layout) -> dict:
     largest = max(layer_params(m), m.padded_vocab_size(lay.tp) * m.dim) // lay.tp
     states = model_state_bytes(p, lay.dp, lay.zero_stage, largest, lay.precision)
     in_flight = min(lay.pp, lay.micro_batches)
-    acts = activation_bytes_per_layer(m, lay) * (m.n_layers // lay.pp) * in_flight
+    acts = activation_bytes_per_layer(m, lay) * stage_blocks(m, lay) * in_flight
     return dict(**states, activations=acts, loss=loss_bytes(m, lay), reserved=RESERVED_BYTES)
 
 
@@ -255,7 +283,7 @@ def step_time(m: ModelConfig, lay: Layout, gpu: GpuSpec, matmul_efficiency: floa
     """Seconds per optimizer step, split into its parts."""
     s, b, h, t = lay.seq_len, lay.micro_batch, m.dim, lay.tp
     tokens_mb = s * b
-    layers = m.n_layers // lay.pp
+    layers = stage_blocks(m, lay)
     nvlink = gpu.nvlink_bandwidth * gpu.comm_efficiency
     net = gpu.network_bandwidth * gpu.comm_efficiency
     node = gpu.gpus_per_node
@@ -330,13 +358,16 @@ def check_layout(cfg: Config, lay: Layout, gpus_flag: str = "--gpus") -> None:
         raise ConfigError(f"{gpus_flag} must be >= 1, got {lay.gpus}")
     if lay.checkpointing not in ACTIVATION_CHECKPOINTING:
         raise ConfigError(f"--checkpointing must be one of {', '.join(ACTIVATION_CHECKPOINTING)}, got '{lay.checkpointing}'")
+    if lay.pipeline_partition not in PIPELINE_PARTITIONS:
+        raise ConfigError(f"parallel.pipeline_partition must be one of {', '.join(PIPELINE_PARTITIONS)}, "
+                          f"got '{lay.pipeline_partition}'")
     for flag, value in (("--tp", lay.tp), ("--pp", lay.pp)):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     if lay.gpus % (lay.tp * lay.pp):
         raise ConfigError(f"{gpus_flag} {lay.gpus} is not divisible by tp*pp = {lay.tp * lay.pp}; change --tp/--pp")
     c = replace(cfg, parallel=replace(cfg.parallel, tp=lay.tp, pp=lay.pp, dp=0, zero_stage=lay.zero_stage,
-                                      sequence_parallel=lay.sp),
+                                      sequence_parallel=lay.sp, pipeline_partition=lay.pipeline_partition),
                 train=replace(cfg.train, seq_len=lay.seq_len, micro_batch_size=lay.micro_batch,
                               global_batch_size=lay.global_batch, activation_checkpointing=lay.checkpointing,
                               precision=lay.precision))
@@ -380,7 +411,7 @@ def measured_run(run_dir: str, gpus: int) -> tuple[Config, Layout, float]:
     p, t = cfg.parallel, cfg.train
     lay = Layout(gpus=gpus, tp=p.tp, pp=p.pp, zero_stage=p.zero_stage, micro_batch=t.micro_batch_size,
                  seq_len=t.seq_len, global_batch=t.global_batch_size, checkpointing=t.activation_checkpointing,
-                 sequence_parallel=p.sequence_parallel, precision=t.precision)
+                 sequence_parallel=p.sequence_parallel, precision=t.precision, pipeline_partition=p.pipeline_partition)
     try:
         check_layout(cfg, lay, gpus_flag="--calibrate-gpus")
     except ConfigError as exc:

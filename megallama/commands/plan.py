@@ -49,7 +49,7 @@ def _layout_from_args(cfg: Config, args) -> Layout:
                   micro_batch=pick(args.micro_batch, t.micro_batch_size), seq_len=pick(args.seq_len, t.seq_len),
                   global_batch=pick(args.global_batch, t.global_batch_size), checkpointing=ckpt,
                   sequence_parallel=not args.no_sequence_parallel, flash_attention=not args.eager_attention,
-                  precision=t.precision)
+                  precision=t.precision, pipeline_partition=c.pipeline_partition)
 
 
 def run(args) -> int:
