@@ -204,6 +204,7 @@ def test_cli_hardware_file_adds_a_gpu(tmp_path):
     (("--preset", "llama-7b", "--gpus", "8", "--tp", "0", "--calibrate-step-time", "2"), "--tp must be >= 1"),
     (("--preset", "llama-7b", "--gpus", "8", "--tokens", "-5"), "--tokens must be a positive"),
     (("--preset", "llama-7b", "--gpus", "8", "--search", "--top", "-1"), "--top must be >= 1"),
+    (("--preset", "llama-7b", "--gpus", "8", "--fs-bandwidth", "0"), "--fs-bandwidth must be a positive"),
 ])
 def test_cli_errors_exit_2(args, needle):
     r = megallama("plan", *args)
@@ -321,3 +322,36 @@ def test_stages_are_trainings_own_partition():
     assert stages(m, uniform) == [(20, 1), (21, 0), (20, 0), (19, 1)]
     assert params_per_gpu(m, by_params) == 20 * lp + vocab + m.dim
     assert params_per_gpu(m, uniform) == 21 * lp + m.dim > params_per_gpu(m, by_params)
+
+
+def test_checkpoint_size_write_load_and_async_stall():
+    """65B at tp=8 pp=4 on 2,048 GPUs: 12 bytes per parameter (fp32 master + 2 moments) = 783 GB; every
+    rank writes its 1/2048 share, all sharing the filesystem: 783.4 GB / 100 GB/s = 7.8 s to write and
+    the same to load at ZeRO-1; ZeRO-3 still reads whole TP shards (dp = 64 times the bytes); an async
+    save stalls for the copy of a rank's 0.38 GB to the host at 25 GB/s."""
+    from tools.planner import checkpoint_io
+
+    m = preset_config("llama-65b").model
+    size = 12 * m.num_parameters()
+    c = checkpoint_io(m, PAPER_65B, fs_bandwidth=100e9, host_bandwidth=25e9)
+    assert c["size_gb"] == pytest.approx(size / 1e9) and c["size_gb"] == pytest.approx(783.4, abs=0.1)
+    assert c["per_rank_gb"] == pytest.approx(size / 2048 / 1e9)
+    assert c["write_s"] == pytest.approx(size / 100e9) == c["load_s"]
+    assert c["async_stall_s"] == pytest.approx(size / 2048 / 25e9)
+    zero3 = checkpoint_io(m, replace(PAPER_65B, zero_stage=3), fs_bandwidth=100e9)
+    assert zero3["load_s"] == pytest.approx(64 * c["load_s"])
+    assert checkpoint_io(m, PAPER_65B, fs_bandwidth=50e9)["write_s"] == pytest.approx(2 * c["write_s"])
+
+
+def test_no_layout_flags_show_the_best_layout_that_fits():
+    """`plan` with no layout flags is what `--search` ranks first (it was tp=1 pp=1, DOES NOT FIT),
+    and says so; --fs-bandwidth reaches the checkpoint figures."""
+    args = ("plan", "--preset", "llama-65b", "--gpus", "2048", "--gpu", "A100-80GB", "--json")
+    best, ranked = (megallama(*args, *extra) for extra in ((), ("--search", "--top", "1")))
+    assert best.returncode == 0 and ranked.returncode == 0, best.stderr + ranked.stderr
+    best, first = json.loads(best.stdout), json.loads(ranked.stdout)[0]
+    assert best.pop("chosen").startswith("best layout that fits") and best == first
+    assert best["memory_gib_per_gpu"] <= 80 and best["layout"]["tp"] * best["layout"]["pp"] > 1
+    text = megallama(*args[:-1], "--fs-bandwidth", "50")
+    assert text.returncode == 0 and "the best layout that fits" in text.stdout.splitlines()[0], text.stderr
+    assert "at 50 GB/s: write 15.7 s" in text.stdout

@@ -89,6 +89,7 @@ class Estimate:
     mwh: float
     tco2eq: float
     matmul_efficiency: float
+    checkpoint: dict = dataclasses.field(default_factory=dict)  # checkpoint_io()
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -322,10 +323,38 @@ def step_time(m: ModelConfig, lay: Layout, gpu: GpuSpec, matmul_efficiency: floa
                 total=pipeline + dp_exposed + optimizer)
 
 
+# ----------------------------------------------------------------------------- checkpoints
+
+# An aggregate parallel-filesystem bandwidth (bytes/s): AWS FSx for Lustre Persistent-2 provisions
+# 1,000 MB/s per TiB, so 100 TiB give 100 GB/s; OLCF's Alpine (GPFS) reaches 2.5 TB/s.  A conservative
+# figure for a 2,048-GPU cluster's scratch; --fs-bandwidth sets the one a cluster has.
+FS_BANDWIDTH = 100e9
+# Device -> host copy of a rank's state for an asynchronous save (bytes/s): PCIe 4.0 x16, ~25 GB/s.
+HOST_COPY_BANDWIDTH = 25e9
+CHECKPOINT_BYTES_PER_PARAM = 12  # fp32 master + two fp32 Adam moments (docs/checkpoints.md)
+
+
+def checkpoint_io(m: ModelConfig, lay: Layout, fs_bandwidth: float = FS_BANDWIDTH,
+                  host_bandwidth: float = HOST_COPY_BANDWIDTH) -> dict:
+    """Size of a training checkpoint and the time to write and load it at ``lay``.
+
+    Every rank writes what it owns (its ZeRO partition of its TP/PP shard), so the ranks share the
+    filesystem's aggregate bandwidth: a save takes size / fs_bandwidth.  A resume reads what each
+    rank holds, the same bytes, except at ZeRO-3, where a rank still reads its whole TP shard (dp
+    times the bytes; docs/checkpoints.md).  An asynchronous save stalls training only for the copy
+    of the rank's share to host memory."""
+    size = CHECKPOINT_BYTES_PER_PARAM * m.num_parameters()
+    per_rank = size / lay.gpus
+    read = size * (lay.dp if lay.zero_stage == 3 else 1)
+    return dict(size_gb=size / 1e9, per_rank_gb=per_rank / 1e9, write_s=size / fs_bandwidth,
+                load_s=read / fs_bandwidth, async_stall_s=per_rank / host_bandwidth,
+                fs_bandwidth_gb_s=fs_bandwidth / 1e9)
+
+
 # ----------------------------------------------------------------------------- estimate
 
 def plan(cfg: Config, lay: Layout, gpu: GpuSpec, tokens: Optional[int] = None,
-         matmul_efficiency: Optional[float] = None) -> Estimate:
+         matmul_efficiency: Optional[float] = None, fs_bandwidth: float = FS_BANDWIDTH) -> Estimate:
     """Validate the layout against the model and estimate memory, throughput and time."""
     m = cfg.model
     check_layout(cfg, lay)
@@ -347,7 +376,7 @@ def plan(cfg: Config, lay: Layout, gpu: GpuSpec, tokens: Optional[int] = None,
         tokens_per_sec_per_gpu=tok_s_gpu,
         mfu=tok_s_gpu * m.flops_per_token(lay.seq_len) / gpu.peak_flops(lay.precision),
         tokens=tokens, days=seconds / 86400, gpu_hours=gpu_hours, mwh=carbon.mwh, tco2eq=carbon.tco2eq,
-        matmul_efficiency=eff)
+        matmul_efficiency=eff, checkpoint=checkpoint_io(m, lay, fs_bandwidth))
 
 
 def check_layout(cfg: Config, lay: Layout, gpus_flag: str = "--gpus") -> None:
@@ -421,7 +450,8 @@ def measured_run(run_dir: str, gpus: int) -> tuple[Config, Layout, float]:
 
 
 def search(cfg: Config, gpus: int, gpu: GpuSpec, base: Layout, tokens: Optional[int] = None,
-           matmul_efficiency: Optional[float] = None, fixed: Optional[dict] = None) -> list[Estimate]:
+           matmul_efficiency: Optional[float] = None, fixed: Optional[dict] = None,
+           fs_bandwidth: float = FS_BANDWIDTH) -> list[Estimate]:
     """Every valid layout that fits in memory, fastest first; ``fixed`` pins Layout fields (the
     ``--tp``/``--pp``/``--zero``/``--micro-batch``/``--checkpointing``/``--no-sequence-parallel`` given)."""
     found = []
@@ -431,7 +461,7 @@ def search(cfg: Config, gpus: int, gpu: GpuSpec, base: Layout, tokens: Optional[
         if any(getattr(lay, k) != v for k, v in fixed.items()):
             continue
         try:
-            est = plan(cfg, lay, gpu, tokens, matmul_efficiency)
+            est = plan(cfg, lay, gpu, tokens, matmul_efficiency, fs_bandwidth)
         except ConfigError:
             continue
         if est.fits:

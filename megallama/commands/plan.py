@@ -9,7 +9,8 @@ from megallama.config import Config, load_config
 from megallama.errors import UserError
 from megallama.hardware import gpu_spec, load_gpu_specs
 from megallama.config import ACTIVATION_CHECKPOINTING
-from tools.planner import Estimate, Layout, calibrated_efficiency, check_layout, measured_run, plan, search
+from tools.planner import (FS_BANDWIDTH, Estimate, Layout, calibrated_efficiency, check_layout, measured_run, plan,
+                           search)
 
 
 def add_arguments(p):
@@ -38,6 +39,9 @@ def add_arguments(p):
                    help="GPUs the --calibrate-from run used (default: --gpus)")
     p.add_argument("--search", action="store_true", help="rank the layouts that fit by predicted throughput")
     p.add_argument("--top", type=int, default=10, help="how many layouts --search prints")
+    p.add_argument("--fs-bandwidth", type=float, default=FS_BANDWIDTH / 1e9, metavar="GB/S",
+                   help=f"aggregate filesystem bandwidth for checkpoint write/load times (default {FS_BANDWIDTH / 1e9:g}: "
+                        "a mid-size parallel filesystem; docs/planning.md)")
     p.add_argument("--json", action="store_true", help="print the estimate as one JSON object")
 
 
@@ -62,6 +66,9 @@ def run(args) -> int:
         raise UserError(f"--tokens must be a positive token budget (e.g. 1.4e12), got {args.tokens:g}")
     if args.top < 1:
         raise UserError(f"--top must be >= 1, got {args.top}")
+    if not (args.fs_bandwidth > 0 and math.isfinite(args.fs_bandwidth)):
+        raise UserError(f"--fs-bandwidth must be a positive GB/s figure (e.g. 100), got {args.fs_bandwidth:g}")
+    fs = args.fs_bandwidth * 1e9
     tokens = None if args.tokens is None else int(args.tokens)
     eff = None
     if args.calibrate_step_time is not None and args.calibrate_from:
@@ -77,20 +84,28 @@ def run(args) -> int:
         run_cfg, run_lay, step_s = measured_run(args.calibrate_from,
                                                 args.gpus if args.calibrate_gpus is None else args.calibrate_gpus)
         eff = calibrated_efficiency(run_cfg, run_lay, gpu, step_s)
-    if args.search:
-        pinned = {"tp": args.tp, "pp": args.pp, "zero_stage": args.zero, "micro_batch": args.micro_batch,
-                  "checkpointing": args.checkpointing,
-                  "sequence_parallel": False if args.no_sequence_parallel else None}
-        found = search(cfg, args.gpus, gpu, lay, tokens, eff, {k: v for k, v in pinned.items() if v is not None})
+    pinned = {"tp": args.tp, "pp": args.pp, "zero_stage": args.zero, "micro_batch": args.micro_batch,
+              "checkpointing": args.checkpointing, "sequence_parallel": False if args.no_sequence_parallel else None}
+    no_layout = not args.config and args.calibrate_step_time is None and all(v is None for v in pinned.values())
+    if args.search or no_layout:
+        found = search(cfg, args.gpus, gpu, lay, tokens, eff, {k: v for k, v in pinned.items() if v is not None}, fs)
         if not found:
             raise UserError(f"no layout of {cfg.preset or 'this model'} fits {args.gpus} x {gpu.name}; "
                             "add GPUs, pick a larger GPU or lower --seq-len")
+        if not args.search:  # no layout given: the best one that fits, as --search ranks it first
+            if args.json:
+                print(json.dumps(dict(found[0].to_dict(), chosen="best layout that fits (--search ranks it first)")))
+            else:
+                print("no layout given (--tp/--pp/--zero/--micro-batch/--checkpointing): the best layout that fits, "
+                      "as 'megallama plan --search' ranks it first")
+                _print_estimate(found[0])
+            return 0
         if args.json:
             print(json.dumps([e.to_dict() for e in found[:args.top]]))
         else:
             _print_table(found[:args.top])
         return 0
-    est = plan(cfg, lay, gpu, tokens, eff)
+    est = plan(cfg, lay, gpu, tokens, eff, fs)
     if args.json:
         print(json.dumps(est.to_dict()))
     else:
@@ -115,6 +130,10 @@ def _print_estimate(e: Estimate) -> None:
     print(f"tokens/s/GPU    {e.tokens_per_sec_per_gpu:8.1f}   MFU {100 * e.mfu:.1f}%")
     print(f"{e.tokens / 1e9:,.0f}B tokens: {e.days:.1f} days, {e.gpu_hours:,.0f} GPU-hours, "
           f"{e.mwh:,.1f} MWh, {e.tco2eq:,.1f} tCO2eq (PUE 1.1, 0.385 kg/kWh)")
+    c = e.checkpoint
+    print(f"checkpoint      {c['size_gb']:8.1f} GB  ({c['per_rank_gb']:.2f} GB written per rank); at "
+          f"{c['fs_bandwidth_gb_s']:g} GB/s: write {c['write_s']:.1f} s, load {c['load_s']:.1f} s, "
+          f"async-save stall {c['async_stall_s']:.2f} s")
 
 
 def _print_table(found: list[Estimate]) -> None:
