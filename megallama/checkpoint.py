@@ -46,6 +46,7 @@ import torch.distributed as dist
 from megallama import __version__
 from megallama.config import Config, ModelConfig, config_from_dict
 from megallama.errors import CheckpointError
+from megallama.faults import fault_point
 from parallel.init import is_sharded, shard, unshard
 from parallel.topology import ParallelContext, Topology
 
@@ -779,7 +780,7 @@ def _write_and_commit(ctx: ParallelContext, tmp: Path, final: Path, root: Path, 
         _fsync_write(tmp / TOKENIZER_FILE, data)
         all_files[TOKENIZER_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     meta = dict(meta, files=all_files, parts=all_parts)
-    _fault_point("kill-during-save", step)
+    fault_point("kill-during-save", step)  # MEGALLAMA_FAULT=kill-during-save@STEP (tests)
     _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1).encode())
     if final.exists():
         shutil.rmtree(final)
@@ -792,19 +793,6 @@ def _write_and_commit(ctx: ParallelContext, tmp: Path, final: Path, root: Path, 
     _prune(root, keep_last, keep=final.name)
     if times is not None:
         times["write_s"] = time.perf_counter() - began
-
-
-def _fault_point(name: str, step: int) -> None:
-    """TEST-ONLY fault injection: ``MEGALLAMA_FAULT_INJECT=<name>`` (or ``<name>@<step>``) SIGKILLs
-    this process here.
-
-    Used by tests/test_checkpoint.py to kill a save after every shard is written but before
-    ``meta.json`` and the renames, the worst moment for atomicity.  Inert unless the variable is set.
-    """
-    if os.environ.get("MEGALLAMA_FAULT_INJECT") in (name, f"{name}@{step}"):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _prune(root: Path, keep_last: int, keep: str) -> None:

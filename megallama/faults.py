@@ -22,7 +22,9 @@
   during that step), ``die`` (SIGKILL the rank when that step starts), ``hang`` (sleep forever
   there, as a rank stuck in I/O or a driver would) or ``diskfull`` (from that step on, files
   cannot grow past 64 KiB: checkpoint writes fail with EFBIG as on a full disk, while
-  heartbeats and logs still fit).
+  heartbeats and logs still fit), or ``kill-during-save`` (SIGKILL the process inside the
+  checkpoint save of that step, after every file is written and before ``meta.json`` and the
+  renames: the worst moment for atomicity; :func:`fault_point`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from megallama.errors import UserError, say
 STARTED = time.time()  # this process's start (about): older heartbeats are an earlier session's
 EXIT_HALTED = 3  # stopped on purpose (too many bad steps); distinct from crashes (1) and bad input (2)
 FAULT_ENV = "MEGALLAMA_FAULT"
+FAULT_KINDS = ("nan", "die", "hang", "diskfull", "kill-during-save")
 
 
 class FaultSpecError(UserError, ValueError):
@@ -71,8 +74,8 @@ class Faults:
         for item in filter(None, (s.strip() for s in spec.split(","))):
             kind, _, where = item.partition("@")
             step, _, only = where.partition(":")
-            if kind not in ("nan", "die", "hang", "diskfull") or not step.isdigit() or (only and not only.isdigit()):
-                raise FaultSpecError(f"{FAULT_ENV}: bad item '{item}'; expected nan|die|hang|diskfull@STEP[:RANK]")
+            if kind not in FAULT_KINDS or not step.isdigit() or (only and not only.isdigit()):
+                raise FaultSpecError(f"{FAULT_ENV}: bad item '{item}'; expected {'|'.join(FAULT_KINDS)}@STEP[:RANK]")
             if not only or int(only) == rank:
                 at[int(step)] = kind
         return cls(at)
@@ -101,6 +104,16 @@ class Faults:
 
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes fail with EFBIG instead of killing
             resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def fault_point(name: str, step: int) -> None:
+    """SIGKILL this process if ``MEGALLAMA_FAULT`` names ``name@step`` for its rank (a point inside
+    code that holds no :class:`Faults`, e.g. a checkpoint save); inert unless the variable is set."""
+    if not os.environ.get(FAULT_ENV):
+        return
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if Faults.from_env(rank).at.get(step) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- heartbeat and monitor

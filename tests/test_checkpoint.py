@@ -72,7 +72,7 @@ def test_kill_during_save_leaves_previous_checkpoint(reference, tmp_path):
     from megallama.checkpoint import CheckpointReader, latest_checkpoint
 
     run_dir = tmp_path / "run"
-    r = megallama(*train_args(run_dir, *RUN), MEGALLAMA_FAULT_INJECT="kill-during-save@6")
+    r = megallama(*train_args(run_dir, *RUN), MEGALLAMA_FAULT="kill-during-save@6")
     assert r.returncode == -signal.SIGKILL
     root = run_dir / "checkpoints"
     assert latest_checkpoint(run_dir).name == "step_00000004"
@@ -92,7 +92,7 @@ def test_async_save_killed_in_its_background_write_leaves_previous_checkpoint(re
     kill -9 inside that write (before meta.json) leaves step 4 as latest, and the resumed run -- itself
     saving asynchronously -- matches the synchronous reference bit for bit."""
     run_dir = tmp_path / "run"
-    r = megallama(*train_args(run_dir, *RUN, "train.async_save=true"), MEGALLAMA_FAULT_INJECT="kill-during-save@6")
+    r = megallama(*train_args(run_dir, *RUN, "train.async_save=true"), MEGALLAMA_FAULT="kill-during-save@6")
     assert r.returncode == -signal.SIGKILL
     assert "saving checkpoint" in r.stdout and "in the background" in r.stdout, r.stdout[-2000:]
     root = run_dir / "checkpoints"
@@ -223,7 +223,7 @@ def test_resume_bitwise_at_each_zero_stage(tmp_path, stage, precision):
     run_dir = tmp_path / "run"
     args = train_args(run_dir, "train.steps=4", "train.save_interval=2", f"parallel.zero_stage={stage}",
                       f"train.precision={precision}")
-    r = megallama(*args, MEGALLAMA_FAULT_INJECT="kill-during-save@4")
+    r = megallama(*args, MEGALLAMA_FAULT="kill-during-save@4")
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     first = last_per_step(metrics(run_dir))
     assert sorted(first) == [1, 2, 3, 4]
