@@ -239,6 +239,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
+        listy = [a for a in args if typing.get_origin(a) in (list, typing.List)]
+        if listy and isinstance(value, (list, tuple)):  # e.g. Union[str, List[str]]: a list takes the list type
+            return _coerce(value, listy[0], where)
         return _coerce(value, args[0], where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):

@@ -12,7 +12,7 @@ from megallama.config import Config
 
 def check_inputs(cfg: Config) -> None:
     """Raise a one-line UserError if a configured tokenizer or dataset is missing or mismatched."""
-    from megallama.data.indexed import IndexedDataset
+    from megallama.data.indexed import open_dataset
     from megallama.data.pipeline import _check_config
     from megallama.data.tokenizer import Tokenizer
 
@@ -22,4 +22,4 @@ def check_inputs(cfg: Config) -> None:
         return  # the default corpus is built (and cached) by the run itself
     tok = Tokenizer(d.tokenizer)
     for s in d.sources:
-        IndexedDataset(s.path).check_tokenizer(tok.vocab_size, tok.fingerprint, d.tokenizer)
+        open_dataset(s.path).check_tokenizer(tok.vocab_size, tok.fingerprint, d.tokenizer)

@@ -409,7 +409,8 @@ def test_lone_surrogate_escape_is_a_malformed_line(corpus, tmp_path, capsys, com
     assert capsys.readouterr().err.splitlines() == [
         f"megallama {command}: error: {bad}:2: field 'text' holds a lone surrogate \\ud800 at character 4, "
         "not valid Unicode; fix that line or pass --on-error skip to skip and count it"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+    # no output; curate keeps its work directory, so a rerun after the fix resumes the tasks already done
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"] + (["out.work"] if command == "curate" else [])
     if command == "preprocess":
         report = preprocess([str(bad)], corpus["tok"], str(tmp_path / "out"), on_error="skip")
         assert (report.documents, report.skipped) == (1, 1)
@@ -435,3 +436,21 @@ def test_damaged_gzip_input_is_a_one_line_error(corpus, tmp_path, capsys, damage
     err = capsys.readouterr().err.splitlines()
     assert status == 2 and len(err) == 1 and err[0].startswith(f"megallama {command}: error: cannot read '{src}'"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl.gz"]
+
+
+def test_a_source_of_shards_reads_as_the_one_process_dataset(corpus, tmp_path):
+    """A source's path may be a glob or a list of PREFIXes (the shards of a sharded preprocess): read in
+    order as one dataset, its samples are the samples of the same documents preprocessed as one."""
+    root = corpus["root"]
+    for i, name in enumerate(("a.jsonl", "b.jsonl.gz")):
+        preprocess([str(root / name)], corpus["tok"], str(tmp_path / f"web-{i:05d}-of-00002"))
+    common = [f"data.tokenizer={corpus['tok']}", "data.valid_fraction=0.1", "model.vocab_size=640"]
+    one = build_datasets(_cfg(tmp_path / "one", f"data.sources=[{{path: {corpus['prefix']}}}]", *common))
+    shards = [str(tmp_path / f"web-{i:05d}-of-00002") for i in range(2)]
+    for path in (str(tmp_path / "web-*-of-00002"), "[" + ", ".join(shards) + "]"):
+        got = build_datasets(_cfg(tmp_path / "sharded", f"data.sources=[{{path: {path}, name: web}}]", *common))
+        assert len(got.train) == len(one.train) and len(got.valid) == len(one.valid)
+        assert all(np.array_equal(got.train[i], one.train[i]) for i in range(len(one.train)))
+        assert all(np.array_equal(got.valid[i], one.valid[i]) for i in range(len(one.valid)))
+    with pytest.raises(DataError, match="matches no PREFIX.idx files"):
+        build_datasets(_cfg(tmp_path / "none", f"data.sources=[{{path: {tmp_path / 'nope-*'}}}]", *common))

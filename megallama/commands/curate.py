@@ -65,6 +65,9 @@ def _steps_config(args) -> StepsConfig:
 
 
 def _check_outputs(args, out: Path, report_path) -> None:
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise output_error(out, "--output", f"'{blocker}' is not a directory")
     if out.exists() and not args.force:
         raise DataError(f"'{out}' already exists; pass --force to overwrite it or choose another --output")
     if report_path is not None and report_path.is_file() and not args.force:
@@ -89,13 +92,16 @@ def run(args) -> int:
     if args.print_stages:
         print("\n".join(f"{stage} {n}" for stage, n in plan.stages()))
         return 0
+    if args.stage is None:
+        _check_outputs(args, out, report_path)
     if args.stage not in (None, "merge"):
         work = WorkDir(Path(args.work_dir or f"{out}.work"), plan)
         r = run_task(str(work.root), args.stage, args.shard)
         print(f"curate {args.stage} task {args.shard}: " + ("already done" if r.get("skipped") else
               f"done in {r['seconds']:.1f}s, peak RSS {r['peak_rss_mb']:.0f} MB"))
         return 0
-    _check_outputs(args, out, report_path)
+    if args.stage == "merge":
+        _check_outputs(args, out, report_path)
     work = WorkDir(Path(args.work_dir or f"{out}.work"), plan)
     if args.stage is None:
         run_stages(work, args.workers, args.executor, args.ray_address, log=say)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Union
 
 
 @dataclass
 class DataSource:
-    path: str = ""  # prefix of PREFIX.bin / PREFIX.idx written by `megallama preprocess`
+    # prefix of PREFIX.bin / PREFIX.idx written by `megallama preprocess`; or a glob of prefixes, or a list of
+    # prefixes/globs (the shards of `megallama preprocess --shards N`), read as one dataset in that order
+    path: Union[str, List[str]] = ""
     weight: float = 1.0  # sampling proportion (normalised over all sources)
     name: str = ""
     # Size in tokens, used only by `megallama mixture` to plan a mixture whose

@@ -104,13 +104,11 @@ class GPTDataset:
 
     def sample_at(self, pos: int, off: int) -> np.ndarray:
         """``seq_len + 1`` tokens starting ``off`` tokens into document ``doc_idx[pos]``."""
-        offsets, tokens = self.indexed.offsets, self.indexed.tokens
         need, parts = self.seq_len + 1, []
         while need:
-            d = int(self.doc_idx[pos])
-            start, end = int(offsets[d]) + off, int(offsets[d + 1])
-            n = min(end - start, need)
-            parts.append(tokens[start:start + n])
+            doc = self.indexed.document(int(self.doc_idx[pos]))
+            n = min(len(doc) - off, need)
+            parts.append(doc[off:off + n])
             need -= n
             pos, off = pos + 1, 0
         return np.concatenate(parts).astype(np.int64)

@@ -186,3 +186,66 @@ class IndexedDataset:
                 f"dataset '{self.prefix}' was made with another tokenizer (vocab {self.vocab_size}, fingerprint "
                 f"{self.fingerprint}) than '{tokenizer_path}' (vocab {vocab_size}, fingerprint {fingerprint}); "
                 "re-run `megallama preprocess` with this tokenizer or set data.tokenizer to the one it was made with")
+
+
+_GLOB = set("*?[")
+
+
+def resolve_prefixes(path) -> list:
+    """The dataset prefixes a data source names: one PREFIX, a glob of them (``data/web-*-of-00064``, matched
+    against the ``.idx`` files), or a list of either (the shards of ``megallama preprocess --shards``), in order."""
+    import glob as globlib
+
+    entries = list(path) if isinstance(path, (list, tuple)) else [path]
+    prefixes = []
+    for entry in entries:
+        entry = str(entry)
+        if _GLOB & set(entry):
+            found = sorted(p[:-len(".idx")] for p in globlib.glob(entry + ".idx"))
+            if not found:
+                raise DataError(f"data source path '{entry}' matches no PREFIX.idx files; build them with "
+                                "`megallama preprocess --shards N` or fix the pattern in data.sources")
+            prefixes.extend(found)
+        else:
+            prefixes.append(entry)
+    if not prefixes:
+        raise DataError("a data source lists no dataset prefixes; give a PREFIX, a glob or a list of them")
+    return prefixes
+
+
+class IndexedDatasetGroup:
+    """Several PREFIX.bin/.idx (the shards of one source) read as one dataset: documents in the listed order."""
+
+    def __init__(self, prefixes):
+        self.parts = [IndexedDataset(p) for p in prefixes]
+        first = self.parts[0]
+        for p in self.parts[1:]:
+            if (p.vocab_size, p.fingerprint) != (first.vocab_size, first.fingerprint):
+                raise DataError(f"dataset shards '{first.prefix}' and '{p.prefix}' were made with different tokenizers; "
+                                "preprocess every shard of a source with the same --tokenizer")
+        self.prefix = first.prefix + (f" (+{len(self.parts) - 1} more shards)" if len(self.parts) > 1 else "")
+        self.vocab_size, self.fingerprint, self.dtype = first.vocab_size, first.fingerprint, first.dtype
+        self.num_docs = sum(p.num_docs for p in self.parts)
+        self.num_tokens = sum(p.num_tokens for p in self.parts)
+        self._first_doc = np.cumsum([0] + [p.num_docs for p in self.parts])
+
+    def __len__(self) -> int:
+        return self.num_docs
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.concatenate([p.lengths for p in self.parts])
+
+    def document(self, i: int) -> np.ndarray:
+        part = int(np.searchsorted(self._first_doc, i, side="right")) - 1
+        return self.parts[part].document(i - int(self._first_doc[part]))
+
+    def check_tokenizer(self, vocab_size: int, fingerprint: str, tokenizer_path: str) -> None:
+        for p in self.parts:
+            p.check_tokenizer(vocab_size, fingerprint, tokenizer_path)
+
+
+def open_dataset(path):
+    """A data source's dataset: :class:`IndexedDataset` for one prefix, :class:`IndexedDatasetGroup` for several."""
+    prefixes = resolve_prefixes(path)
+    return IndexedDataset(prefixes[0]) if len(prefixes) == 1 else IndexedDatasetGroup(prefixes)

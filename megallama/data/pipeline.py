@@ -25,7 +25,7 @@ import numpy as np
 from megallama.data.cache import build_once, cache_root
 from megallama.data.config import DataSource
 from megallama.data.gpt_dataset import BlendedDataset, GPTDataset
-from megallama.data.indexed import IndexedDataset
+from megallama.data.indexed import open_dataset
 from megallama.data.instruct import InstructDataset, InstructionSet
 from megallama.data.tokenizer import SETTINGS, Tokenizer
 from megallama.errors import ConfigError, DataError, UserError, say
@@ -155,6 +155,11 @@ def split_documents(num_docs: int, valid_fraction: float, prefix: str) -> tuple[
     return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
 
 
+def source_name(path) -> str:
+    """A source's display name from its path: the prefix's name (the first one of a list)."""
+    return Path(path[0] if isinstance(path, (list, tuple)) and path else str(path)).name
+
+
 def check_sources(sources: Sequence[DataSource], writer: str = "megallama preprocess", config: str = "") -> None:
     """Every source names a dataset and has a positive, finite sampling weight (``config``: the file
     to name in the error)."""
@@ -210,13 +215,13 @@ def build_datasets(cfg) -> DataBundle:
     index_dir = cache_root(d.cache_dir) / "index"
     parts: dict[str, List[GPTDataset]] = {split: [] for split in need}
     for i, s in enumerate(sources):
-        indexed = IndexedDataset(s.path)
+        indexed = open_dataset(s.path)
         indexed.check_tokenizer(tok.vocab_size, tok.fingerprint, tok_path)
-        ids = dict(zip(("train", "valid"), split_documents(indexed.num_docs, d.valid_fraction, s.path)))
+        ids = dict(zip(("train", "valid"), split_documents(indexed.num_docs, d.valid_fraction, indexed.prefix)))
         for split, counts in need.items():
             parts[split].append(GPTDataset(indexed, ids[split], t.seq_len, max(1, int(counts[i])),
                                            seed=(t.seed, i, SPLITS[split]), cache_dir=index_dir, split=split))
-    plan = [SourcePlan(s.name or Path(s.path).name, w / sum(weights), ds.tokens_per_epoch,
+    plan = [SourcePlan(s.name or source_name(s.path), w / sum(weights), ds.tokens_per_epoch,
                        int(n) * t.seq_len) for s, w, ds, n in zip(sources, weights, parts["train"], need["train"])]
     return DataBundle(train=_blend(parts["train"], weights, n_train),
                       valid=_blend(parts["valid"], weights, n_valid) if "valid" in parts else None,

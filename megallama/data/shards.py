@@ -46,6 +46,7 @@ drop lists; the clusters task holds only the near-duplicate edges.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import json
 import os
@@ -61,7 +62,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from megallama.data.curate import CurateConfig, MinHashLSH, hash64, normalize_line
-from megallama.data.sources import READ_ERRORS, expand_inputs, unicode_problem
+from megallama.data.sources import READ_ERRORS, contiguous_shards, expand_inputs, unicode_problem
 from megallama.data.steps import StepError, StepsConfig, read_documents, source_steps
 from megallama.errors import DataError, UserError
 
@@ -111,14 +112,13 @@ class Plan:
     def partitions(self) -> int:
         return self.shards
 
+    @functools.cached_property
+    def _unit_shards(self) -> np.ndarray:
+        return np.asarray(contiguous_shards(self.sizes, self.shards), np.int64)
+
     def unit_shards(self) -> np.ndarray:
-        """Shard of each unit: contiguous runs balanced by bytes (a unit goes where its middle byte falls)."""
-        sizes = np.asarray(self.sizes, np.float64)
-        total = sizes.sum()
-        if total <= 0:
-            return np.zeros(len(sizes), np.int64)
-        mid = np.cumsum(sizes) - sizes / 2
-        return np.minimum(self.shards - 1, (mid * self.shards / total).astype(np.int64))
+        """Shard of each unit: contiguous runs balanced by bytes (:func:`contiguous_shards`)."""
+        return self._unit_shards
 
     def shard_units(self, shard: int) -> List[int]:
         return [u for u, s in enumerate(self.unit_shards()) if s == shard]

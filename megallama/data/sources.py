@@ -68,6 +68,19 @@ def expand_inputs(paths: Iterable[str], suffixes: Sequence[str] = TEXT_SUFFIXES)
     return files
 
 
+def contiguous_shards(sizes: Sequence[int], shards: int) -> List[int]:
+    """The shard of each input (in order): contiguous runs balanced by bytes; an input goes to the shard
+    where its middle byte falls, so shard i holds inputs before shard i + 1's."""
+    total = sum(sizes)
+    if total <= 0:
+        return [0] * len(sizes)
+    out, before = [], 0
+    for size in sizes:
+        out.append(min(shards - 1, int((before + size / 2) * shards / total)))
+        before += size
+    return out
+
+
 def _is_jsonl(path: Path) -> bool:
     name = path.name[:-3] if path.name.endswith(".gz") else path.name
     return name.endswith(".jsonl")
