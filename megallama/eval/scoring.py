@@ -44,19 +44,21 @@ def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[i
     (``"to accumulate"`` is ``▁to ▁acc um ulate``), so a context ending in a space would otherwise
     be scored on a tokenisation that never occurs in text.  The pair is then encoded as one string
     and split where the context's own encoding ends, so a word straddling the boundary is tokenized
-    as the model saw such text in training.  Only if the context's tokens are still not a prefix of
-    the joint encoding (a merge across the boundary) is the continuation encoded on its own, as text
-    that follows other text (no dummy prefix, where the tokenizer has one).
+    as the model saw such text in training.  Where the stripped context's tokens are not a prefix of
+    the joint encoding (``"Response:"`` + ``"\\n"`` tokenizes differently from ``"Response:\\n"``), the
+    context is split as written, so a prompt template's final newline stays where finetuning put it.
+    Only if neither is a prefix (a merge across the boundary) is the continuation encoded on its own,
+    as text that follows other text (no dummy prefix, where the tokenizer has one).
     """
     stripped = context.rstrip()
-    context, continuation = stripped, context[len(stripped):] + continuation
-    ctx = tok.encode(context, bos=True) if context else [tok.bos_id]
-    if not context:
-        return ctx, tok.encode(continuation)
+    if not stripped:
+        return [tok.bos_id], tok.encode(context + continuation)
     whole = tok.encode(context + continuation, bos=True)
-    if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
-        return ctx, whole[len(ctx):]
-    return ctx, getattr(tok, "encode_continuation", tok.encode)(continuation)
+    for cut in dict.fromkeys((stripped, context)):  # the whitespace moved; else the context as written
+        ctx = tok.encode(cut, bos=True)
+        if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+            return ctx, whole[len(ctx):]
+    return tok.encode(context, bos=True), getattr(tok, "encode_continuation", tok.encode)(continuation)
 
 
 def _fit(ctx: list[int], cont_len: int, max_len: int) -> list[int]:
