@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from megallama.errors import UserError, say
+from megallama.process import pid_alive
 
 STARTED = time.time()  # this process's start (about): older heartbeats are an earlier session's
 EXIT_HALTED = 3  # stopped on purpose (too many bad steps); distinct from crashes (1) and bad input (2)
@@ -150,27 +151,12 @@ class Heartbeat:
                 continue
             if hb["rank"] == self.rank or hb["time"] < STARTED:  # this rank, or left by an earlier session
                 continue
-            if hb["host"] == self.host and not _alive(hb["pid"]):
+            if hb["host"] == self.host and not pid_alive(hb["pid"]):
                 out.append(f"rank {hb['rank']} (pid {hb['pid']} on {hb['host']}) is gone after step {hb['step']}")
             elif now - hb["time"] > 30:
                 out.append(f"rank {hb['rank']} on {hb['host']} silent for {now - hb['time']:.0f}s "
                            f"after step {hb['step']}")
         return "; ".join(out)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie still answers kill(0); treat it as gone
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return True
 
 
 class StepMonitor:

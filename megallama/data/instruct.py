@@ -36,7 +36,7 @@ from typing import Iterator, List, Sequence
 import numpy as np
 
 from megallama.data.indexed import IndexedDataset, IndexedDatasetWriter
-from megallama.data.sources import READ_ERRORS, _open_binary, expand_inputs, unicode_problem
+from megallama.data.sources import READ_ERRORS, expand_inputs, json_lines, unicode_problem
 from megallama.data.tokenizer import Tokenizer
 from megallama.errors import ConfigError, DataError
 
@@ -147,16 +147,12 @@ def iter_examples(paths: Sequence[str]) -> Iterator[tuple[List[dict], str, int, 
     """(messages, file, line, file index) of every non-blank line of the JSONL inputs."""
     for fi, path in enumerate(expand_inputs(paths, (".jsonl", ".jsonl.gz"))):
         try:
-            with _open_binary(path) as f:
-                for lineno, raw in enumerate(f, 1):
-                    if not raw.strip():
-                        continue
-                    where = f"{path}:{lineno}"
-                    try:
-                        obj = json.loads(raw)
-                    except (json.JSONDecodeError, UnicodeDecodeError):
-                        raise DataError(f"{where}: not valid JSON; fix or remove that line") from None
-                    yield parse_example(obj, where), str(path), lineno, fi
+            for where, lineno, raw in json_lines(path):
+                try:
+                    obj = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise DataError(f"{where}: not valid JSON; fix or remove that line") from None
+                yield parse_example(obj, where), str(path), lineno, fi
         except READ_ERRORS as exc:
             raise DataError(f"cannot read '{path}' ({exc}); check the file (a truncated .gz?) or drop it") from None
 

@@ -65,6 +65,7 @@ from megallama.data.curate import CurateConfig, MinHashLSH, hash64, normalize_li
 from megallama.data.sources import READ_ERRORS, contiguous_shards, expand_inputs, unicode_problem
 from megallama.data.steps import StepError, StepsConfig, read_documents, source_steps
 from megallama.errors import DataError, UserError
+from megallama.process import pid_alive
 
 PLAN_VERSION = 1
 STAGES = ("lines", "linedup", "docs", "exact", "minhash", "buckets", "clusters", "filter", "merge")
@@ -250,7 +251,7 @@ class Outputs:
         for pattern in (f"{own}*.tmp-*", f"task-{self.index:05d}.done.tmp-*"):
             for tmp in self.work.stage_dir(self.stage).glob(pattern):
                 pid = tmp.name.rsplit(".tmp-", 1)[1].split(".")[0]
-                if pid.isdigit() and not _alive(int(pid)):
+                if pid.isdigit() and not pid_alive(int(pid)):
                     tmp.unlink(missing_ok=True)
 
     def open(self, name: str, mode: str = "wb"):
@@ -275,16 +276,6 @@ class Outputs:
             tmp = final.with_name(final.name + self.tag)
             if tmp.exists():
                 tmp.unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class PartitionWriter:

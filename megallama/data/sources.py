@@ -90,6 +90,14 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
+def json_lines(path: Path) -> Iterator[tuple]:
+    """(where, line number, raw bytes) of every non-blank line of a .jsonl(.gz) file."""
+    with _open_binary(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
+                yield f"{path}:{lineno}", lineno, raw
+
+
 def unicode_problem(text: str) -> str:
     """'' for text that is valid Unicode, else what is wrong: JSON can escape a lone surrogate
     (``"\\ud800"``, a cut-off emoji in scraped text) that no UTF-8 encoder or tokenizer accepts."""

@@ -52,7 +52,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
@@ -198,15 +198,20 @@ def _isolate_as_root(uid: int, limits: Limits, source: bytes) -> None:
 def _user_tasks(uid: int) -> int:
     """Tasks (processes and threads) of ``uid`` now: RLIMIT_NPROC counts them all."""
     n = 0
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if line.startswith(("Uid:", "Threads:")))
-        except (OSError, ValueError):
-            continue
+    for _, fields in _processes(("Uid:", "Threads:")):
         if fields.get("Uid", "").split()[:1] == [str(uid)]:
             n += int(fields.get("Threads", "1"))
     return n
+
+
+def _processes(keys: tuple) -> Iterator[tuple]:
+    """(pid, {field: value}) of every process now, with the /proc/PID/status lines starting with ``keys``."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                yield pid, dict(line.split(":", 1) for line in f if line.startswith(keys))
+        except (OSError, ValueError):
+            continue
 
 
 def _child_setup(uid: Optional[int], limits: Limits, source: bytes, nproc: int):
@@ -262,12 +267,7 @@ def _kill_uid(uid: int) -> None:
     """SIGKILL every live process owned by ``uid`` (repeat: a fork bomb may be mid-fork)."""
     for _ in range(20):
         found = False
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/status") as f:
-                    fields = dict(line.split(":", 1) for line in f if line.startswith(("Uid:", "State:")))
-            except (OSError, ValueError):
-                continue
+        for pid, fields in _processes(("Uid:", "State:")):
             if str(uid) in fields.get("Uid", "").split() and not fields.get("State", "").strip().startswith("Z"):
                 found = True
                 try:

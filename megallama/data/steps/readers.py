@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 from xml.etree import ElementTree
 
-from megallama.data.sources import READ_ERRORS, ReadStats, iter_documents, unicode_problem
+from megallama.data.sources import READ_ERRORS, ReadStats, _open_binary, iter_documents, json_lines, unicode_problem
 from megallama.data.steps.code import license_from_text
 from megallama.errors import DataError
 
@@ -45,25 +45,17 @@ def _bad(msg: str, where: str, on_error: str, stats: Optional[ReadStats]) -> Non
         stats.skip(where)
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
-
-
 def _jsonl_objects(path: Path, on_error: str, stats: Optional[ReadStats]) -> Iterator[tuple]:
-    with _open_text(path) as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                _bad("not valid JSON", where, on_error, stats)
-                continue
-            if not isinstance(obj, dict):
-                _bad("not a JSON object", where, on_error, stats)
-                continue
-            yield obj, where, len(raw)
+    for where, _, raw in json_lines(path):
+        try:
+            obj = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            _bad("not valid JSON", where, on_error, stats)
+            continue
+        if not isinstance(obj, dict):
+            _bad("not a JSON object", where, on_error, stats)
+            continue
+        yield obj, where, len(raw)
 
 
 def _count(stats: Optional[ReadStats], nbytes: int) -> None:
@@ -94,7 +86,7 @@ def read_stackexchange_posts(path: Path, on_error: str = "fail",
         db.execute("CREATE TABLE q (id INTEGER PRIMARY KEY, title TEXT, body TEXT, line INTEGER)")
         db.execute("CREATE TABLE a (id INTEGER, parent INTEGER, score TEXT, body TEXT)")
         try:
-            with _open_text(path) as f:
+            with _open_binary(path) as f:
                 parser = ElementTree.iterparse(f, events=("end",))
                 for _, elem in parser:
                     if elem.tag != "row":
