@@ -232,6 +232,17 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+MAX_INT = 2 ** 63 - 1
+
+
+def _short(n: int) -> str:
+    """An integer for a message: itself, or its sign and digit count when it is too long to show."""
+    digits = len(str(abs(n))) if abs(n) < 10 ** 4000 else None
+    if digits is not None and digits <= 24:
+        return str(n)
+    return f"{'-' if n < 0 else ''}an integer of {digits or 'over 4000'} digits"
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check/convert ``value`` to the annotated type ``tp``; one-line error otherwise."""
     origin = typing.get_origin(tp)
@@ -266,6 +277,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                 or int(value) != value:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if abs(int(value)) > MAX_INT:  # it would overflow a C long somewhere (numpy, torch) as a traceback
+            raise ConfigError(f"{where}: {_short(int(value))} is out of range; use an integer of at most "
+                              f"{MAX_INT:,} in magnitude")
         return int(value)
     if tp is float:
         if isinstance(value, str):
@@ -320,6 +334,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    except ValueError:  # an integer longer than Python converts (4300 digits)
+        raise ConfigError(f"--set '{key}': the value is a number of {len(raw.strip())} characters, out of range; "
+                          f"use an integer of at most {MAX_INT:,} in magnitude") from None
     return key.strip().split("."), value
 
 
@@ -330,10 +347,14 @@ def _nest(path: list[str], value: Any) -> dict:
     return out
 
 
-def _deep_update(base: dict, extra: dict) -> dict:
+def _deep_update(base: dict, extra: dict, where: str = "") -> dict:
     for k, v in extra.items():
+        sub = f"{where}.{k}" if where else k
         if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _deep_update(base[k], v)
+            _deep_update(base[k], v, sub)
+        elif isinstance(v, dict) and base.get(k) is not None:  # `train: [1, 2]` must not vanish under --set
+            raise ConfigError(f"{sub}: expected a mapping of fields, got {base[k]!r}; write it as '{sub}:' "
+                              "followed by indented key: value lines")
         else:
             base[k] = v
     return base
@@ -353,6 +374,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             line = getattr(getattr(exc, "problem_mark", None), "line", None)
             at = f":{line + 1}" if line is not None else ""
             raise ConfigError(f"config file '{path}{at}' is not valid YAML; fix the syntax there") from None
+        except ValueError:  # an integer longer than Python converts (4300 digits)
+            raise ConfigError(f"config file '{path}' holds a number too long to convert; use an integer of at "
+                              f"most {MAX_INT:,} in magnitude") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file '{path}' must be a mapping of sections (model:, train:, ...)")
     for item in overrides or []:
@@ -383,6 +407,14 @@ def tensor_parallel_sizes(m: ModelConfig) -> list[int]:
     return [tp for tp in range(1, m.kv_heads + 1) if not tensor_parallel_uneven(m, tp)]
 
 
+# Sizes beyond anything trainable (LLaMA-65B: dim 8192, 80 layers, 32k vocabulary, 2048 positions)
+SIZE_CAPS = {"model.dim": 1 << 16, "model.n_layers": 1 << 10, "model.n_heads": 1 << 10, "model.vocab_size": 1 << 24,
+             "model.max_seq_len": 1 << 20, "model.multiple_of": 1 << 16, "model.vocab_pad_multiple": 1 << 16,
+             "train.micro_batch_size": 1 << 20, "train.global_batch_size": 1 << 30, "train.steps": 1 << 40,
+             "train.tokens": 1 << 56}
+MAX_PARAMETERS = 10 ** 13
+
+
 def validate(cfg: Config, world_size: int = 1) -> Config:
     """Check every field and combination; raise one-line ConfigError naming the field."""
     m, p, o, t = cfg.model, cfg.parallel, cfg.optim, cfg.train
@@ -403,6 +435,13 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
 
     for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len", "vocab_pad_multiple"):
         need(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
+    for name, cap in SIZE_CAPS.items():  # past these a typo fails as an allocation traceback, or never ends
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        need(value <= cap, f"{name} is {value:,}, above the limit of {cap:,}; check the value (a typo?)")
+    need(m.num_parameters() <= MAX_PARAMETERS,
+         f"the model has {m.num_parameters():,} parameters, above the limit of {MAX_PARAMETERS:,}; lower "
+         "model.dim or model.n_layers")
     need(m.dim % m.n_heads == 0, f"model.dim ({m.dim}) must be divisible by model.n_heads ({m.n_heads})")
     need(m.head_dim % 2 == 0, f"model.dim / model.n_heads = {m.head_dim} must be even for rotary embeddings")
     need(m.n_kv_heads is None or m.n_kv_heads > 0,

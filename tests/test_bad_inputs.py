@@ -168,5 +168,28 @@ def test_bad_fault_spec_is_one_line_exit_2_before_any_process_group(tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1, err
     assert err[0] == ("megallama train: error: MEGALLAMA_FAULT: bad item 'boom@2'; "
-                      "expected nan|die|hang|diskfull@STEP[:RANK]"), err[0]
+                      "expected nan|die|hang|diskfull|kill-during-save@STEP[:RANK]"), err[0]
+    assert not run_dir.exists() and not dist.is_initialized()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "model.dim=1e9"], "model.dim: expected an integer, got '1e9'"),
+    (["--set", "model.dim=1000000000"], "model.dim is 1,000,000,000, above the limit of 65,536; check the value"),
+    (["--set", "train.steps=" + "9" * 30], "train.steps: an integer of 30 digits is out of range; use an integer of at most"),
+    (["--set", "train.steps=" + "9" * 5000], "--set 'train.steps': the value is a number of 5000 characters, out of range"),
+    (["--config", "LIST"], "train: expected a mapping of fields, got [1, 2]; write it as 'train:' followed by indented"),
+])
+def test_absurd_sizes_and_misshapen_sections_are_one_line_exit_2(tmp_path, capsys, args, message):
+    """A typo'd size (it ran into an allocation traceback or never ended), an integer too long for a C
+    long (an OverflowError traceback) or Python's int parser (a ValueError traceback), and a section
+    written as a list (it silently vanished under --set) are each one line, exit 2, nothing written."""
+    run_dir = tmp_path / "run"
+    if args[0] == "--config":
+        args = ["--config", str(_write(tmp_path / "c.yaml", "train: [1, 2]\n")), "--set", "train.steps=3"]
+    else:
+        args = ["--preset", "tiny", *args]
+    status = main(["train", *args, "--set", f"train.run_dir={run_dir}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    assert message in err[0], err[0]
     assert not run_dir.exists() and not dist.is_initialized()

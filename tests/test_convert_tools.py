@@ -328,12 +328,21 @@ def _meta_pickle_code(d):
     return ["import-meta", str(d)], "consolidated.00.pth' is truncated, corrupt or not a plain tensor file"
 
 
-@pytest.mark.parametrize("damage", [pytest.param(_hf_rope_scaling, marks=pytest.mark.slow), _hf_corrupt,
+def _hf_zip_bin(d):  # a pytorch_model.bin that is a zip of something else: a traceback from torch.load
+    import zipfile
+
+    (d / "model.safetensors").unlink()
+    with zipfile.ZipFile(d / "pytorch_model.bin", "w") as z:
+        z.writestr("archive/readme.txt", "not weights")
+    return ["import-hf", str(d)], "pytorch_model.bin' is not PyTorch weights that load without running pickled code"
+
+
+@pytest.mark.parametrize("damage", [pytest.param(_hf_rope_scaling, marks=pytest.mark.slow), _hf_corrupt, _hf_zip_bin,
                                     pytest.param(_meta_missing_shard, marks=pytest.mark.slow), _meta_other_shape,
                                     _meta_pickle_code, _hf_no_hidden_size, _meta_no_dim, _hf_vocab_mismatch,
                                     _meta_vocab_mismatch, _hf_non_numeric, _meta_non_numeric, _hf_missing_k_proj,
                                     _hf_extra_top_tensor],
-                         ids=["hf-rope-scaling", "hf-corrupt", "meta-missing-shard", "meta-shape", "meta-pickle",
+                         ids=["hf-rope-scaling", "hf-corrupt", "hf-zip-bin", "meta-missing-shard", "meta-shape", "meta-pickle",
                               "hf-no-hidden-size", "meta-no-dim", "hf-vocab-mismatch", "meta-vocab-mismatch",
                               "hf-non-numeric", "meta-non-numeric", "hf-missing-k-proj", "hf-extra-top-tensor"])
 def test_bad_sources_are_one_line_errors(model_ckpt, tmp_path, damage):

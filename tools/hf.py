@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import shutil
 from pathlib import Path
 
@@ -173,9 +174,21 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     for f in files:
         try:
             part = loader(str(f))
-        except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as exc:
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
+            if f.suffix != ".bin":
+                raise CheckpointError(f"'{f}' is truncated or corrupt ({type(exc).__name__}); "
+                                      "download it again") from None
+            # a zip of something else, a plain pickle, or one that would run code
+            raise CheckpointError(f"'{f}' is not PyTorch weights that load without running pickled code "
+                                  f"({type(exc).__name__}); use the model's *.safetensors, or convert it to "
+                                  "safetensors where you trust it") from None
+        except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"'{f}' is truncated or corrupt ({type(exc).__name__}); "
                                   "download it again") from None
+        if not isinstance(part, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                 for k, v in part.items()):
+            raise CheckpointError(f"'{f}' holds a {type(part).__name__}, not a state dict of named tensors; "
+                                  "use the model's *.safetensors, or convert it to safetensors")
         out.update({k: v.float() for k, v in part.items()})
     return out
 
