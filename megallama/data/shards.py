@@ -316,6 +316,15 @@ def _ids(work: WorkDir, stage: str, pattern: str, count: int) -> set:
 
 
 def _peak_rss_mb() -> float:
+    """This process's own peak RSS: /proc's VmHWM (ru_maxrss carries the high-water mark of the
+    process that forked it, e.g. a launcher that built the corpus)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
