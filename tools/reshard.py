@@ -3,8 +3,10 @@
 Our checkpoints store each (TP, PP) shard once, unpartitioned over ZeRO, with fp32 masters
 and Adam moments under canonical parameter names (see :mod:`megallama.checkpoint`).  So:
 
-- TP/PP: every full tensor is read (sha256-verified) and re-cut with the training code's own
-  shard specs and stage assignment; vocabulary padding is adjusted for the new TP.
+- TP/PP: each output file is streamed tensor by tensor; each tensor's new TP slice is read
+  (sha256-verified files, only the slice's bytes) with the training code's own shard specs and
+  stage assignment; vocabulary padding is adjusted for the new TP.  Peak memory: about one tensor,
+  never the model (:mod:`megallama.ckpt_stream`).
 - DP/ZeRO: nothing to transform; ``--dp`` is only validated and recorded.  Any DP size and
   ZeRO stage loads the result.
 - Kept: step, consumed samples (the data position), LR-scheduler position, optimizer LRs,
@@ -22,7 +24,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from megallama.checkpoint import MOMENTS, TOKENIZER_FILE, CheckpointReader, write_run_checkpoint
+from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader
+from megallama.ckpt_stream import ReaderSource, write_run_checkpoint_from
 from megallama.config import validate
 from tools.checkpoint_io import check_new_output
 
@@ -39,18 +42,15 @@ def reshard(src, dst, tp: int, pp: int, dp: int = 0, weights_only: bool = False)
                                         else cfg.parallel.zero_stage,
                                         sequence_parallel=cfg.parallel.sequence_parallel and tp > 1))
     validate(cfg, tp * pp * max(dp, 1))
-    weights = reader.state_dict()
-    moments = None
-    if reader.has_optimizer and not weights_only:
-        moments = {f"{n}/{k}": reader.full(n, k) for n in reader.names() for k in MOMENTS}
+    source = ReaderSource(reader, moments=not weights_only)  # tensor by tensor: one TP slice in memory
     meta = reader.meta
     extra = {k: meta.get(k) for k in KEPT_META}
     extra["layout"] = {"tp": tp, "pp": pp, "dp": max(dp, 1), "zero_stage": cfg.parallel.zero_stage,
                        "sequence_parallel": cfg.parallel.sequence_parallel}
     extra["resharded_from"] = {"path": str(reader.path), **meta["layout"]}
-    if moments is None:
+    if not source.moments:
         extra["lr_scheduler_last_epoch"] = None
     tok = reader.path / TOKENIZER_FILE
-    return write_run_checkpoint(dst, cfg, weights, moments, step=meta["step"],
-                                consumed_samples=meta["consumed_samples"],
-                                tokenizer_path=str(tok) if tok.is_file() else None, extra_meta=extra)
+    return write_run_checkpoint_from(dst, cfg, source, step=meta["step"],
+                                     consumed_samples=meta["consumed_samples"],
+                                     tokenizer_path=str(tok) if tok.is_file() else None, extra_meta=extra)

@@ -1,0 +1,66 @@
+"""Streaming checkpoint writing (megallama/ckpt_stream.py): its safetensors files equal
+``safetensors.torch.save``'s byte for byte, and a checkpoint written tensor by tensor equals the one
+``write_checkpoint`` writes from whole state dicts (files, sha256s and meta.json)."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from megallama.checkpoint import MOMENTS, CheckpointReader, write_checkpoint
+from megallama.ckpt_stream import SafetensorsWriter, dict_source, write_checkpoint_from
+from megallama.config import preset_config, validate
+from megallama.model import build_model
+
+
+@pytest.mark.parametrize("metadata", [None, {"format": "pt"}])
+def test_streamed_safetensors_equal_safetensors_save(tmp_path, metadata):
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"layers.10.w": torch.randn(3, 5, generator=g), "layers.2.w": torch.randn(7, generator=g),
+               "b": torch.randn(2, 2, generator=g).half(), "a": torch.randn(4, generator=g).bfloat16(),
+               "empty": torch.zeros(0, 3), "ids": torch.arange(5), "héllo": torch.ones(1)}
+    w = SafetensorsWriter(tmp_path / "x.safetensors", [(k, v.dtype, v.shape) for k, v in tensors.items()], metadata)
+    for name, _, _ in w.order:  # the order safetensors stores them in
+        w.write(name, tensors[name])
+    info = w.close()
+    data = (tmp_path / "x.safetensors").read_bytes()
+    assert data == save(tensors, metadata=metadata)
+    import hashlib
+    assert info == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
+
+
+def test_streamed_safetensors_refuse_a_wrong_order_or_shape(tmp_path):
+    w = SafetensorsWriter(tmp_path / "x.safetensors", [("a", torch.float32, (2,)), ("b", torch.float32, (3,))])
+    with pytest.raises(ValueError, match="wrote 'b', expected 'a'"):
+        w.write("b", torch.zeros(3))
+    with pytest.raises(ValueError, match="declared"):
+        w.write("a", torch.zeros(3))
+    w.write("a", torch.zeros(2))
+    with pytest.raises(ValueError, match="'b' was never written"):
+        w.close()
+
+
+@pytest.mark.parametrize("tp,pp,moments", [(1, 1, False), (2, 2, True)])
+def test_streamed_checkpoint_equals_write_checkpoint(tmp_path, tp, pp, moments):
+    cfg = preset_config("tiny")
+    cfg = replace(cfg, model=replace(cfg.model, vocab_size=500),
+                  parallel=replace(cfg.parallel, tp=tp, pp=pp, zero_stage=0 if pp > 1 else 1))
+    cfg = validate(cfg, tp * pp)
+    weights = build_model(cfg.model, seed=1).state_dict()
+    weights = {k: v[:500] if k in ("tok_embeddings.weight", "output.weight") else v for k, v in weights.items()}
+    mom = {f"{n}/{k}": torch.rand_like(v) for n, v in weights.items() for k in MOMENTS} if moments else None
+    a = write_checkpoint(tmp_path / "a", cfg, weights, mom, step=3, consumed_samples=24)
+    b = write_checkpoint_from(tmp_path / "b", cfg, dict_source(weights, mom), step=3, consumed_samples=24)
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir()) and len(names) == 1 + tp * pp * (2 if moments else 1)
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), n
+    assert json.loads((b / "meta.json").read_text())["files"] == json.loads((a / "meta.json").read_text())["files"]
+    r = CheckpointReader(b)
+    assert torch.equal(r.full("tok_embeddings.weight")[:500], weights["tok_embeddings.weight"])
