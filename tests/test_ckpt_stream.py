@@ -64,3 +64,25 @@ def test_streamed_checkpoint_equals_write_checkpoint(tmp_path, tp, pp, moments):
     assert json.loads((b / "meta.json").read_text())["files"] == json.loads((a / "meta.json").read_text())["files"]
     r = CheckpointReader(b)
     assert torch.equal(r.full("tok_embeddings.weight")[:500], weights["tok_embeddings.weight"])
+
+
+@pytest.mark.parametrize("max_mb", [5000.0, 0.05])
+def test_streamed_hf_export_equals_the_whole_model_export(tmp_path, max_mb):
+    """export-hf writes tensor by tensor what the whole-state-dict export wrote: the same shards,
+    byte for byte (safetensors.torch.save of ours_to_hf(state_dict), cut by _shards)."""
+    from safetensors.torch import save
+
+    from megallama.checkpoint import write_run_checkpoint
+    from megallama.convert import ours_to_hf
+    from tools.hf import _shards, export_hf
+
+    cfg = preset_config("tiny")
+    cfg = replace(cfg, model=replace(cfg.model, n_kv_heads=2, vocab_size=500))
+    ckpt = write_run_checkpoint(tmp_path / "run", cfg, build_model(cfg.model, seed=2).state_dict())
+    export_hf(ckpt, tmp_path / "hf", max_shard_mb=max_mb)
+    shards = _shards(ours_to_hf(CheckpointReader(ckpt).state_dict(), cfg.model), max_mb * 2**20)
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    assert sorted(p.name for p in (tmp_path / "hf").glob("*.safetensors")) == names
+    for name, part in zip(names, shards):
+        assert (tmp_path / "hf" / name).read_bytes() == save(part, metadata={"format": "pt"}), name

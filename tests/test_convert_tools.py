@@ -451,9 +451,7 @@ def _fail_on_call(n, real):
 def test_a_write_failing_partway_leaves_no_temporary_directory(model_ckpt, tmp_path, monkeypatch, capsys, tool):
     """export-hf/export-meta left their `.OUT.<pid>-0.tmp` directory (and a traceback) behind when a
     write failed after the first file; with --force the existing output is kept as it was."""
-    import safetensors.torch
-
-    import megallama.checkpoint
+    import megallama.ckpt_stream
     from megallama.cli import main
     from tools.hf import export_hf
 
@@ -469,14 +467,13 @@ def test_a_write_failing_partway_leaves_no_temporary_directory(model_ckpt, tmp_p
             "export-meta": ["--checkpoint", str(ckpt), "--mp", "2", "--force"],
             "reshard": ["--checkpoint", str(ckpt), "--tp", "2", "--pp", "1"],
             "import-hf": [str(hf), "--tp", "2"]}[tool]
-    if tool == "export-hf":
-        monkeypatch.setattr(safetensors.torch, "save_file", _fail_on_call(2, safetensors.torch.save_file))
-    elif tool == "export-meta":
+    if tool == "export-meta":
         monkeypatch.setattr(torch, "save", _fail_on_call(2, torch.save))
-    else:  # reshard and import-hf need a new output: the failing write is the second shard
+    else:  # the tools stream their safetensors files (megallama.ckpt_stream): the second one fails
+        monkeypatch.setattr(megallama.ckpt_stream, "_open", _fail_on_call(2, megallama.ckpt_stream._open))
+    if tool in ("reshard", "import-hf"):  # they need a new output
         (out / "old.txt").unlink()
         out.rmdir()
-        monkeypatch.setattr(megallama.checkpoint, "_fsync_write", _fail_on_call(2, megallama.checkpoint._fsync_write))
     capsys.readouterr()
     status = main([tool, *args, "--output", str(out)])
     err = capsys.readouterr().err.strip().splitlines()

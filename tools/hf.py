@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, building, write_run_checkpoint
+from megallama.ckpt_stream import SafetensorsWriter
 from megallama.config import ModelConfig
 from megallama.convert import hf_config, hf_to_ours, ours_to_hf
 from megallama.errors import CheckpointError, UserError
@@ -61,7 +62,42 @@ def _tokenizer_files(tok_path: Path) -> dict[str, dict]:
     return {"tokenizer_config.json": config, "special_tokens_map.json": special}
 
 
+def _hf_layout(reader: CheckpointReader, model_cfg: ModelConfig) -> tuple[dict, dict]:
+    """HF name -> meta-device tensor (its shape), in :func:`ours_to_hf`'s order, and HF name -> the
+    canonical tensor it is made of: the mapping run on shapes only, no data read."""
+    shapes, source = {}, {}
+    for n in reader.names():
+        for h, t in ours_to_hf({n: torch.empty(reader.specs[n].shape, device="meta")}, model_cfg).items():
+            shapes[h], source[h] = t, n
+    return shapes, source
+
+
+class _Converted:
+    """HF tensors made from one canonical tensor at a time (:func:`ours_to_hf` on it alone), each kept
+    only until every HF tensor made from it was taken: a file's tensors are written in name order
+    (k_proj, o_proj, q_proj, v_proj), not in the order the mapping makes them."""
+
+    def __init__(self, reader: CheckpointReader, model_cfg: ModelConfig, source: dict):
+        self.reader, self.cfg, self.source = reader, model_cfg, source
+        self.left = {}
+        for h, n in source.items():
+            self.left[n] = self.left.get(n, 0) + 1
+        self.made = {}
+
+    def take(self, h: str) -> torch.Tensor:
+        n = self.source[h]
+        if n not in self.made:
+            self.made[n] = ours_to_hf({n: self.reader.full(n)}, self.cfg)
+        out = self.made[n].pop(h)
+        self.left[n] -= 1
+        if not self.left[n]:
+            del self.made[n]
+        return out
+
+
 def export_hf(src, out, max_shard_mb: float = 5000.0, force: bool = False) -> Path:
+    """Tensor by tensor: each canonical tensor is read, mapped (:func:`ours_to_hf`) and streamed into
+    its shard; peak memory is a few tensors, never the model."""
     if not (math.isfinite(max_shard_mb) and max_shard_mb > 0):  # 0 or less: a shard per tensor
         raise UserError(f"--max-shard-mb must be a positive number of megabytes (e.g. 5000, the default), "
                         f"got {max_shard_mb:g}")
@@ -69,22 +105,32 @@ def export_hf(src, out, max_shard_mb: float = 5000.0, force: bool = False) -> Pa
     reader = CheckpointReader(src)
     check_not_source(out, reader.path)
     model_cfg: ModelConfig = reader.config.model
-    tensors = ours_to_hf(reader.state_dict(), model_cfg)
+    shapes, source = _hf_layout(reader, model_cfg)
+    tensors = _Converted(reader, model_cfg, source)
     tok = reader.path / TOKENIZER_FILE
     bos, eos = 1, 2
     with building(out) as tmp:
-        from safetensors.torch import save_file
+        shards = _shards(shapes, max_shard_mb * 2**20)
 
-        shards = _shards(tensors, max_shard_mb * 2**20)
+        def write(part: dict, name: str) -> None:
+            w = SafetensorsWriter(tmp / name, [(k, t.dtype, t.shape) for k, t in part.items()], {"format": "pt"})
+            try:
+                for k, _, _ in w.order:
+                    w.write(k, tensors.take(k))
+                w.close()
+            except BaseException:
+                w.abort()
+                raise
+
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            write(shards[0], "model.safetensors")
         else:
             weight_map = {}
             for i, part in enumerate(shards, 1):
                 name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(part, str(tmp / name), metadata={"format": "pt"})
+                write(part, name)
                 weight_map.update({k: name for k in part})
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            total = sum(t.numel() * t.element_size() for t in shapes.values())
             _write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total},
                                                                  "weight_map": weight_map})
         if tok.is_file():
