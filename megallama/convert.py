@@ -80,6 +80,19 @@ def meta_to_ours(sd: Tensors, cfg: ModelConfig, tp: int = 1) -> Tensors:
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def fused_name(name: str):
+    """The megallama tensor that the Meta-named tensor ``name`` becomes (part of), as
+    :func:`meta_to_ours` maps it: ``wq``/``wk``/``wv`` -> ``wqkv``, ``w1``/``w3`` -> ``w13``; None for
+    the buffers it drops.  Streaming imports use it to load only what one tensor needs."""
+    if name == "rope.freqs" or name.endswith("inner_attention.rope.freqs"):
+        return None
+    for module, parts, fused in (("attention", ("wq", "wk", "wv"), "wqkv"), ("feed_forward", ("w1", "w3"), "w13")):
+        for part in parts:
+            if name.endswith(f"{module}.{part}.weight"):
+                return name[: -len(f"{part}.weight")] + f"{fused}.weight"
+    return name
+
+
 _META_TO_HF = {
     "attention.wq.weight": "self_attn.q_proj.weight",
     "attention.wk.weight": "self_attn.k_proj.weight",

@@ -95,3 +95,29 @@ def check_not_source(out: Path, source: Path) -> None:
     if out == source or out in source.parents:
         raise CheckpointError(f"output '{out}' holds the source checkpoint '{source}'; --force would delete it, "
                               "choose another --output")
+
+
+def import_source(shapes: dict, to_ours, meta_name, load):
+    """A tensor source (:class:`megallama.ckpt_stream.BuildSource`) for an imported model, built one
+    canonical tensor at a time from only the source tensors it is made of.
+
+    ``shapes``: source name -> meta-device tensor of its shape; ``to_ours``: the whole-dict mapping
+    (:mod:`megallama.convert`), run once on ``shapes`` (names, shapes and the mapping's own errors,
+    before anything is written) and then on each tensor's sources; ``meta_name``: source name -> its
+    Meta name (None: dropped); ``load(names)``: those source tensors, real."""
+    from megallama.ckpt_stream import BuildSource
+    from megallama.convert import fused_name
+
+    ours = to_ours(shapes)
+    deps: dict[str, list] = {}
+    for name in shapes:
+        meta = meta_name(name)
+        fused = fused_name(meta) if meta is not None else None
+        if fused is not None:
+            deps.setdefault(fused, []).append(name)
+
+    def build(name: str, key) -> "torch.Tensor":
+        need = deps.get(name) or deps["tok_embeddings.weight"]  # a tied output is the embedding's copy
+        return to_ours({k: v.float() for k, v in load(need).items()})[name]
+
+    return BuildSource(list(ours), build)

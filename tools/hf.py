@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
-from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, building, write_run_checkpoint
-from megallama.ckpt_stream import SafetensorsWriter
+from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, building
+from megallama.ckpt_stream import SafetensorsWriter, write_run_checkpoint_from
 from megallama.config import ModelConfig
-from megallama.convert import hf_config, hf_to_ours, ours_to_hf
+from megallama.convert import hf_config, hf_to_meta, hf_to_ours, ours_to_hf
 from megallama.errors import CheckpointError, UserError
 from megallama.hf_safe import check_no_remote_code
-from tools.checkpoint_io import check_new_output, check_not_source, commit_directory, ffn_settings, imported_config, source_number
+from tools.checkpoint_io import (check_new_output, check_not_source, commit_directory, ffn_settings, imported_config,
+                                import_source, source_number)
 
 # ----------------------------------------------------------------------------- export
 
@@ -196,16 +197,9 @@ def model_config_from_hf(path: Path) -> ModelConfig:
                        max_seq_len=source_number(c, "max_position_embeddings", 2048, path, integer=True))
 
 
-def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a HF directory, as fp32; never unpickles code."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    files = sorted(directory.glob("*.safetensors"))
-    loader = load_file
-    if not files:
-        files = sorted(directory.glob("pytorch_model*.bin"))
-        loader = lambda f: torch.load(f, map_location="cpu", weights_only=True, mmap=True)  # noqa: E731
+def hf_weight_files(directory: Path) -> list[Path]:
+    """The weight files of a HF directory (``*.safetensors``, else ``pytorch_model*.bin``), all there."""
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
     if not files:
         raise CheckpointError(f"'{directory}' has no *.safetensors or pytorch_model*.bin; "
                               "pass a Hugging Face model directory")
@@ -216,27 +210,40 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
         if missing:
             raise CheckpointError(f"shard '{directory / missing[0]}' named in {index.name} is missing; "
                                   "download the complete model")
-    out = {}
-    for f in files:
-        try:
-            part = loader(str(f))
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
-            if f.suffix != ".bin":
-                raise CheckpointError(f"'{f}' is truncated or corrupt ({type(exc).__name__}); "
-                                      "download it again") from None
-            # a zip of something else, a plain pickle, or one that would run code
-            raise CheckpointError(f"'{f}' is not PyTorch weights that load without running pickled code "
-                                  f"({type(exc).__name__}); use the model's *.safetensors, or convert it to "
-                                  "safetensors where you trust it") from None
-        except (SafetensorError, OSError) as exc:
+    return files
+
+
+def read_hf_file(f: Path, names=None) -> dict[str, torch.Tensor]:
+    """Tensors ``names`` of one HF weights file, or (``names`` None) all of them as meta-device tensors
+    of their shapes: a safetensors file is opened per call (its mapping, and the pages it read, go
+    with it); a ``.bin`` through ``torch.load(weights_only=True, mmap=True)``: no pickled code runs."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        if f.suffix != ".bin":
+            with safe_open(str(f), framework="pt") as h:
+                if names is None:
+                    return {k: torch.empty(h.get_slice(k).get_shape(), device="meta") for k in h.keys()}
+                return {k: h.get_tensor(k) for k in names}
+        part = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
+        if f.suffix != ".bin":
             raise CheckpointError(f"'{f}' is truncated or corrupt ({type(exc).__name__}); "
                                   "download it again") from None
-        if not isinstance(part, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                 for k, v in part.items()):
-            raise CheckpointError(f"'{f}' holds a {type(part).__name__}, not a state dict of named tensors; "
-                                  "use the model's *.safetensors, or convert it to safetensors")
-        out.update({k: v.float() for k, v in part.items()})
-    return out
+        # a zip of something else, a plain pickle, or one that would run code
+        raise CheckpointError(f"'{f}' is not PyTorch weights that load without running pickled code "
+                              f"({type(exc).__name__}); use the model's *.safetensors, or convert it to "
+                              "safetensors where you trust it") from None
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"'{f}' is truncated or corrupt ({type(exc).__name__}); "
+                              "download it again") from None
+    if not isinstance(part, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                             for k, v in part.items()):
+        raise CheckpointError(f"'{f}' holds a {type(part).__name__}, not a state dict of named tensors; "
+                              "use the model's *.safetensors, or convert it to safetensors")
+    if names is None:
+        return {k: torch.empty(v.shape, device="meta") for k, v in part.items()}
+    return {k: part[k] for k in names}
 
 
 def import_hf(directory, out, tp: int = 1, pp: int = 1) -> Path:
@@ -245,16 +252,27 @@ def import_hf(directory, out, tp: int = 1, pp: int = 1) -> Path:
     check_no_remote_code(directory)  # its weights are read as data, but a custom architecture is refused up front
     model_cfg = model_config_from_hf(directory / "config.json")
     cfg = imported_config(model_cfg, tp, pp)
-    hf = read_hf_weights(directory)
+    file_of, shapes = {}, {}
+    for f in hf_weight_files(directory):  # names and shapes only: each tensor is read when written
+        for k, t in read_hf_file(f).items():
+            file_of[k], shapes[k] = f, t
     config = json.loads((directory / "config.json").read_text())
-    if not config.get("tie_word_embeddings", False) and "lm_head.weight" not in hf:
+    if not config.get("tie_word_embeddings", False) and "lm_head.weight" not in shapes:
         raise CheckpointError(f"'{directory}' has no lm_head.weight but config.json says the embeddings are "
                               "not tied; the model files are incomplete")
+
+    def load(names: list) -> dict:
+        got = {}
+        for f in dict.fromkeys(file_of[n] for n in names):
+            got.update(read_hf_file(f, [n for n in names if file_of[n] == f]))
+        return got
+
     try:
-        ours = hf_to_ours(hf, model_cfg)
+        source = import_source(shapes, lambda sd: hf_to_ours(sd, model_cfg),
+                               lambda n: next(iter(hf_to_meta({n: shapes[n]}, model_cfg)), None), load)
     except KeyError as exc:
         raise CheckpointError(f"'{directory}' holds tensor {exc} that a LLaMA model does not have; "
                               "this architecture is not supported") from None
     tok = directory / "tokenizer.model"
-    return write_run_checkpoint(out, cfg, ours, tokenizer_path=str(tok) if tok.is_file() else None,
-                                extra_meta={"imported_from": {"format": "huggingface", "path": str(directory)}})
+    return write_run_checkpoint_from(out, cfg, source, tokenizer_path=str(tok) if tok.is_file() else None,
+                                     extra_meta={"imported_from": {"format": "huggingface", "path": str(directory)}})

@@ -19,11 +19,13 @@ from typing import Optional
 
 import torch
 
-from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, building, write_run_checkpoint
+from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, building
+from megallama.ckpt_stream import write_run_checkpoint_from
 from megallama.config import ModelConfig
 from megallama.convert import meta_to_ours, ours_to_meta
 from megallama.errors import CheckpointError
-from tools.checkpoint_io import check_new_output, check_not_source, commit_directory, imported_config, source_number
+from tools.checkpoint_io import (check_new_output, check_not_source, commit_directory, imported_config, import_source,
+                                source_number)
 
 # suffix of a Meta parameter name -> dimension its model-parallel shards are concatenated on
 # (None: replicated, every shard holds the full tensor)
@@ -90,10 +92,9 @@ def _load_shard(path: Path) -> dict[str, torch.Tensor]:
                               f"({type(exc).__name__}); download it again") from None
 
 
-def read_meta_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """Full Meta-named fp32 tensors, concatenating the model-parallel shards per parameter kind."""
-    paths = shard_paths(directory)
-    shards = [_load_shard(p) for p in paths]
+def meta_shapes(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """Meta name -> meta-device tensor of its full (concatenated) shape, from the shards' headers."""
+    shards = [{k: v.shape for k, v in _load_shard(p).items()} for p in paths]  # mmap: no data read
     names = list(shards[0])
     for p, s in zip(paths[1:], shards[1:]):
         if set(s) != set(names):
@@ -101,25 +102,46 @@ def read_meta_weights(directory: Path) -> dict[str, torch.Tensor]:
     out = {}
     for name in names:
         dim = concat_dim(name, f"'{paths[0]}'")
-        parts = [s[name] for s in shards]
-        out[name] = (parts[0] if dim is None else torch.cat(parts, dim)).float()
+        shape = list(shards[0][name])
+        if dim is not None:
+            shape[dim] = sum(s[name][dim] for s in shards)
+        out[name] = torch.empty(shape, device="meta")
+    return out
+
+
+def read_meta_tensors(paths: list[Path], names: list[str]) -> dict[str, torch.Tensor]:
+    """Full Meta-named fp32 tensors ``names``, concatenating the model-parallel shards per parameter
+    kind; each shard is mapped (``mmap=True``) for this call only."""
+    parts: dict[str, list] = {n: [] for n in names}
+    for p in paths:
+        shard = _load_shard(p)
+        for n in names:
+            parts[n].append(shard[n])
+        del shard
+    out = {}
+    for name in names:
+        dim = concat_dim(name, f"'{paths[0]}'")
+        out[name] = (parts[name][0] if dim is None else torch.cat(parts[name], dim)).float()
     return out
 
 
 def import_meta(directory, out, tp: int = 1, pp: int = 1) -> Path:
+    """Tensor by tensor: each canonical tensor is made from only the Meta tensors it needs."""
     directory = Path(directory)
     check_new_output(out)
-    weights = read_meta_weights(directory)
-    if "tok_embeddings.weight" not in weights:
+    paths = shard_paths(directory)
+    shapes = meta_shapes(paths)
+    if "tok_embeddings.weight" not in shapes:
         raise CheckpointError(f"'{directory}' has no tok_embeddings.weight; this is not a LLaMA release")
-    model_cfg = model_config_from_params(directory / "params.json", weights["tok_embeddings.weight"].shape[0])
+    model_cfg = model_config_from_params(directory / "params.json", shapes["tok_embeddings.weight"].shape[0])
     cfg = imported_config(model_cfg, tp, pp)
+    source = import_source(shapes, lambda sd: meta_to_ours(sd, model_cfg), lambda n: n,
+                           lambda names: read_meta_tensors(paths, names))
     tok = directory / "tokenizer.model"
     if not tok.is_file():
         tok = directory.parent / "tokenizer.model"  # the release keeps it next to the size directories
-    return write_run_checkpoint(out, cfg, meta_to_ours(weights, model_cfg),
-                                tokenizer_path=str(tok) if tok.is_file() else None,
-                                extra_meta={"imported_from": {"format": "meta", "path": str(directory)}})
+    return write_run_checkpoint_from(out, cfg, source, tokenizer_path=str(tok) if tok.is_file() else None,
+                                     extra_meta={"imported_from": {"format": "meta", "path": str(directory)}})
 
 
 # ----------------------------------------------------------------------------- export
