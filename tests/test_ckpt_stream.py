@@ -86,3 +86,65 @@ def test_streamed_hf_export_equals_the_whole_model_export(tmp_path, max_mb):
     assert sorted(p.name for p in (tmp_path / "hf").glob("*.safetensors")) == names
     for name, part in zip(names, shards):
         assert (tmp_path / "hf" / name).read_bytes() == save(part, metadata={"format": "pt"}), name
+
+
+def _same_run(a, b):
+    """Two run directories' checkpoints hold the same files byte for byte; meta.json differs only in
+    the paths it names."""
+    a, b = CheckpointReader(a).path, CheckpointReader(b).path
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for n in names:
+        if n != "meta.json":
+            assert (a / n).read_bytes() == (b / n).read_bytes(), n
+    ma, mb = (json.loads((p / "meta.json").read_text()) for p in (a, b))
+    for m in (ma, mb):
+        m["config"]["train"].pop("run_dir")
+        m.get("imported_from", {}).pop("path", None)
+    assert ma == mb
+
+
+def test_streamed_imports_and_meta_export_equal_the_whole_model_path(tmp_path):
+    """import-hf (a tied .bin model), import-meta (2 shards, to tp 2 x pp 2) and export-meta (mp 2)
+    write what the whole-state-dict path wrote: hf_to_ours/meta_to_ours of the whole model through
+    write_run_checkpoint, and torch.save of each mp shard."""
+    from safetensors.torch import load_file
+
+    from megallama.checkpoint import write_run_checkpoint
+    from megallama.convert import hf_to_ours, meta_to_ours, ours_to_meta
+    from tools.checkpoint_io import imported_config
+    from tools.hf import export_hf, import_hf, model_config_from_hf
+    from tools.meta import export_meta, import_meta
+
+    cfg = preset_config("tiny")
+    cfg = replace(cfg, model=replace(cfg.model, n_kv_heads=2, vocab_size=500))
+    ckpt = write_run_checkpoint(tmp_path / "run", cfg, build_model(cfg.model, seed=4).state_dict())
+    export_hf(ckpt, tmp_path / "hf")
+    tied = {k: v for k, v in load_file(tmp_path / "hf" / "model.safetensors").items() if k != "lm_head.weight"}
+    d = tmp_path / "bin"
+    d.mkdir()
+    torch.save(tied, d / "pytorch_model.bin")
+    c = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**c, "tie_word_embeddings": True}))
+    new = import_hf(d, tmp_path / "new", tp=2)
+    model_cfg = model_config_from_hf(d / "config.json")
+    old = write_run_checkpoint(tmp_path / "old", imported_config(model_cfg, 2, 1), hf_to_ours(tied, model_cfg),
+                               extra_meta={"imported_from": {"format": "huggingface", "path": str(d)}})
+    _same_run(old, new)
+
+    export_meta(ckpt, tmp_path / "meta", mp=2)
+    full = ours_to_meta(CheckpointReader(ckpt).state_dict(), cfg.model)
+    dims = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+    for i in range(2):
+        shard = {k: (v if dims.get(k.split(".")[-2]) is None else v.chunk(2, dims[k.split(".")[-2]])[i]).clone()
+                 for k, v in full.items()}
+        want = tmp_path / "want" / f"consolidated.0{i}.pth"  # the zip's records are named after the file
+        want.parent.mkdir(exist_ok=True)
+        torch.save(shard, want)
+        assert (tmp_path / "meta" / want.name).read_bytes() == want.read_bytes()
+    new = import_meta(tmp_path / "meta", tmp_path / "mnew", tp=2, pp=2)
+    model_cfg = CheckpointReader(new).config.model
+    old = write_run_checkpoint(tmp_path / "mold", imported_config(model_cfg, 2, 2), meta_to_ours(full, model_cfg),
+                               tokenizer_path=None,
+                               extra_meta={"imported_from": {"format": "meta", "path": str(tmp_path / "meta")}})
+    _same_run(old, new)

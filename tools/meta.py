@@ -157,30 +157,36 @@ def params_json(cfg: ModelConfig) -> dict:
     return out
 
 
-def split_for_mp(weights: dict[str, torch.Tensor], mp: int) -> list[dict[str, torch.Tensor]]:
-    shards = [{} for _ in range(mp)]
-    for name, t in weights.items():
-        dim = concat_dim(name, "the checkpoint")
-        if dim is not None and t.shape[dim] % mp:
-            raise CheckpointError(f"'{name}' has {t.shape[dim]} rows/columns on dim {dim}, not divisible by "
-                                  f"--mp {mp}; choose a divisor")
-        parts = [t] * mp if dim is None else t.chunk(mp, dim)
-        for shard, part in zip(shards, parts):
-            shard[name] = part.clone()  # own storage: torch.save would write the whole base tensor
-    return shards
+def mp_part(name: str, t: torch.Tensor, rank: int, mp: int) -> torch.Tensor:
+    """Model-parallel shard ``rank`` of the Meta tensor ``name``, with its own storage (torch.save
+    would write a view's whole base tensor)."""
+    dim = concat_dim(name, "the checkpoint")
+    if dim is not None and t.shape[dim] % mp:
+        raise CheckpointError(f"'{name}' has {t.shape[dim]} rows/columns on dim {dim}, not divisible by "
+                              f"--mp {mp}; choose a divisor")
+    return (t if dim is None else t.chunk(mp, dim)[rank]).clone()
 
 
 def export_meta(src, out, mp: int = 1, force: bool = False) -> Path:
+    """One ``consolidated.NN.pth`` at a time: each is a torch pickle written whole by ``torch.save``, so
+    peak memory is one model-parallel shard (the model / ``mp``) plus one full tensor."""
     out = check_new_output(out, force)
     if mp < 1:
         raise CheckpointError(f"--mp must be >= 1, got {mp}")
     reader = CheckpointReader(src)
     check_not_source(out, reader.path)
     model_cfg = reader.config.model
-    shards = split_for_mp(ours_to_meta(reader.state_dict(), model_cfg), mp)
+    for name, t in ours_to_meta({n: torch.empty(reader.specs[n].shape, device="meta") for n in reader.names()},
+                                model_cfg).items():
+        mp_part(name, t, 0, mp)  # refuse an --mp that does not divide, before anything is read or written
     with building(out) as tmp:
-        for i, shard in enumerate(shards):
+        for i in range(mp):
+            shard = {}
+            for n in reader.names():
+                for name, t in ours_to_meta({n: reader.full(n)}, model_cfg).items():
+                    shard[name] = mp_part(name, t, i, mp)
             torch.save(shard, tmp / f"consolidated.{i:02d}.pth")
+            del shard
         (tmp / "params.json").write_text(json.dumps(params_json(model_cfg)) + "\n")
         if (reader.path / TOKENIZER_FILE).is_file():
             shutil.copyfile(reader.path / TOKENIZER_FILE, tmp / "tokenizer.model")
