@@ -115,6 +115,45 @@ class SafetensorsWriter:
         self._file.close()
 
 
+# ----------------------------------------------------------------------------- reading
+
+class StreamingReader(ck.CheckpointReader):
+    """A :class:`~megallama.checkpoint.CheckpointReader` that maps each file only for one read.
+
+    ``safe_open`` maps a whole file and every page a read touches stays resident (counted in the
+    process's RSS) while the file is open; the reader keeps its files open, so reading a whole
+    checkpoint through it grows RSS to the checkpoint's size.  This one verifies each file once (as
+    the reader does, when first used) and closes its files after each tensor (or slice) read:
+    resident pages stay one tensor."""
+
+    def __init__(self, ckpt, verify: bool | str = True):
+        super().__init__(ckpt, verify)
+        self._verified = set()
+
+    def _open(self, name: str):
+        if name in self._verified:  # checked already: the base class would hash it again
+            verify, self.verify = self.verify, False
+            try:
+                return super()._open(name)
+            finally:
+                self.verify = verify
+        handle = super()._open(name)
+        self._verified.add(name)
+        return handle
+
+    def full(self, name: str, key: Optional[str] = None) -> torch.Tensor:
+        try:
+            return super().full(name, key)
+        finally:
+            self._files.clear()  # unmapped: the pages this tensor's read touched leave this process
+
+    def read(self, *args, **kwargs) -> torch.Tensor:
+        try:
+            return super().read(*args, **kwargs)
+        finally:
+            self._files.clear()
+
+
 # ----------------------------------------------------------------------------- tensor sources
 
 class ReaderSource:

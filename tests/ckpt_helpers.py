@@ -78,3 +78,27 @@ def snapshot(path) -> dict[str, str]:
     for p in sorted(Path(path).rglob("*")):
         out[str(p.relative_to(path))] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
     return out
+
+
+# `megallama ARGS` in a fresh interpreter that reports how far its peak RSS (VmHWM) rose during the
+# command: the modules the tools import lazily are imported first, then the peak is reset to the
+# current RSS (``5 > /proc/self/clear_refs``) and read again at the end.  Prints "peak_rss_growth N".
+_PEAK_LAUNCH = """import sys
+import deepspeed, safetensors.torch, sentencepiece, torch, megallama.model, tools.hf, tools.meta, tools.reshard
+from megallama import cli
+def kb(key):
+    return int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1]) * 1024
+open('/proc/self/clear_refs', 'w').write('5')
+start = kb('VmRSS:')
+status = cli.main(sys.argv[1:])
+print('peak_rss_growth', kb('VmHWM:') - start)
+sys.exit(status)
+"""
+
+
+def peak_rss_growth(*args: str, timeout: float = 240) -> int:
+    """Bytes the peak RSS of ``megallama ARGS`` rose above its RSS at the start of the command."""
+    r = subprocess.run([PY, "-c", _PEAK_LAUNCH, *args], cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout.split("peak_rss_growth")[-1].split()[0])

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, building
-from megallama.ckpt_stream import SafetensorsWriter, write_run_checkpoint_from
+from megallama.ckpt_stream import SafetensorsWriter, StreamingReader, write_run_checkpoint_from
 from megallama.config import ModelConfig
 from megallama.convert import hf_config, hf_to_meta, hf_to_ours, ours_to_hf
 from megallama.errors import CheckpointError, UserError
@@ -103,7 +103,7 @@ def export_hf(src, out, max_shard_mb: float = 5000.0, force: bool = False) -> Pa
         raise UserError(f"--max-shard-mb must be a positive number of megabytes (e.g. 5000, the default), "
                         f"got {max_shard_mb:g}")
     out = check_new_output(out, force)
-    reader = CheckpointReader(src)
+    reader = StreamingReader(src)  # each file mapped for one read only: RSS stays one tensor
     check_not_source(out, reader.path)
     model_cfg: ModelConfig = reader.config.model
     shapes, source = _hf_layout(reader, model_cfg)

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, building
-from megallama.ckpt_stream import write_run_checkpoint_from
+from megallama.ckpt_stream import StreamingReader, write_run_checkpoint_from
 from megallama.config import ModelConfig
 from megallama.convert import meta_to_ours, ours_to_meta
 from megallama.errors import CheckpointError
@@ -173,7 +173,7 @@ def export_meta(src, out, mp: int = 1, force: bool = False) -> Path:
     out = check_new_output(out, force)
     if mp < 1:
         raise CheckpointError(f"--mp must be >= 1, got {mp}")
-    reader = CheckpointReader(src)
+    reader = StreamingReader(src)  # each file mapped for one read only: RSS stays one tensor
     check_not_source(out, reader.path)
     model_cfg = reader.config.model
     for name, t in ours_to_meta({n: torch.empty(reader.specs[n].shape, device="meta") for n in reader.names()},

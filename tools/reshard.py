@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader
-from megallama.ckpt_stream import ReaderSource, write_run_checkpoint_from
+from megallama.checkpoint import TOKENIZER_FILE
+from megallama.ckpt_stream import ReaderSource, StreamingReader, write_run_checkpoint_from
 from megallama.config import validate
 from tools.checkpoint_io import check_new_output
 
@@ -35,7 +35,7 @@ KEPT_META = ("lr_scheduler_last_epoch", "optimizer_lrs", "loss_scale", "tokenize
 def reshard(src, dst, tp: int, pp: int, dp: int = 0, weights_only: bool = False):
     """Write ``src`` (checkpoint or run dir) at layout tp x pp (x dp) into the new run dir ``dst``."""
     check_new_output(dst)
-    reader = CheckpointReader(src)
+    reader = StreamingReader(src)  # each file mapped for one read only: RSS stays one tensor
     cfg = reader.config
     cfg = replace(cfg, parallel=replace(cfg.parallel, tp=tp, pp=pp, dp=dp,
                                         zero_stage=min(cfg.parallel.zero_stage, 1) if pp > 1
