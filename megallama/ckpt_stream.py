@@ -175,6 +175,7 @@ class BuildSource:
                  moments: bool = False):
         self.names, self.build, self.moments = list(names), build, moments
         self._last = (None, None)
+        self.model_cfg = None  # set by write_checkpoint_from (vocabulary rows may carry any padding)
 
     def shard(self, name: str, key: Optional[str], spec: "ck.ShardSpec", rank: int, tp: int) -> torch.Tensor:
         if self._last[0] != (name, key):
@@ -184,8 +185,6 @@ class BuildSource:
         if key is None:
             ck._check_shape(name, full, spec, self.model_cfg)
         return ck.reshard_tensor(full, spec, rank, tp)
-
-    model_cfg = None  # set by write_checkpoint_from
 
 
 def dict_source(weights: dict, moments: Optional[dict] = None) -> BuildSource:
