@@ -45,6 +45,8 @@ import torch.distributed as dist
 
 from megallama import __version__
 from megallama.config import Config, ModelConfig, config_from_dict
+from megallama.atomic import WriteFailed, building, commit_directory, fsync_dir, fsync_write, new_tmp_dir, write_bytes  # noqa: F401 (re-exported)
+from megallama.ckpt_validate import commit_latest, latest_target, validate_meta
 from megallama.errors import CheckpointError
 from megallama.faults import fault_point
 from parallel.init import is_sharded, shard, unshard
@@ -120,7 +122,7 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     pointer = root / "latest"
     if not pointer.is_file():
         return None
-    path = root / pointer.read_text().strip()
+    path = latest_target(root, pointer)
     if not (path / "meta.json").is_file():
         raise CheckpointError(f"'{pointer}' names '{path.name}', which is missing or incomplete; "
                               f"point it at a complete checkpoint directory in {root}")
@@ -149,7 +151,7 @@ def read_meta(ckpt: str | Path) -> dict:
     if missing:
         raise CheckpointError(f"'{path}' is corrupt (its '{missing[0]}' is missing or malformed); "
                               "restore it or use an earlier checkpoint")
-    return meta
+    return validate_meta(Path(ckpt), meta)
 
 
 def is_weights_only(meta: dict) -> bool:
@@ -540,73 +542,11 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames inside ``path`` durable (POSIX needs the directory itself fsynced)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories
-    finally:
-        os.close(fd)
-
-
-def new_tmp_dir(out: Path) -> Path:
-    """A new, empty directory next to ``out`` to build it in, then rename: its name is unique, so
-    no file of the user's (say a directory called ``OUT.tmp``) is ever removed or written into."""
-    for attempt in range(1000):
-        tmp = out.with_name(f".{out.name}.{os.getpid()}-{attempt}.tmp")
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp.mkdir()  # fails if it exists: nothing of anyone else's is reused
-            return tmp
-        except FileExistsError:
-            if not out.parent.is_dir():
-                break
-        except OSError as exc:
-            raise CheckpointError(f"cannot create output '{out}' ({exc.strerror}); choose another path") from None
-    raise CheckpointError(f"cannot create output '{out}' (its parent is not a directory); choose another path")
-
-
-class WriteFailed(CheckpointError):
-    """An output could not be written (its temporary directory is already removed)."""
-
-    def __init__(self, out: Path, exc: OSError):
-        self.os_error = exc
-        super().__init__(f"writing '{out}' failed ({exc.strerror or exc}); nothing was written and an existing "
-                         "output is kept: free space or choose another --output")
-
-
-@contextmanager
-def building(out: Path) -> Iterator[Path]:
-    """A new temporary directory (:func:`new_tmp_dir`) to build ``out`` in; the block renames it into
-    place.  If the block fails the directory is removed, and a failed write (a full disk, a nested
-    output's :class:`WriteFailed`) is reported as one line naming ``out``."""
-    tmp = new_tmp_dir(out)
-    try:
-        yield tmp
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)  # a refused tensor or a full disk leaves nothing behind
-        if isinstance(exc, (OSError, WriteFailed)):
-            raise WriteFailed(out, getattr(exc, "os_error", exc)) from None
-        raise
-
-
 def _save_tensors(tensors: dict, path: Path) -> dict:
     from safetensors.torch import save
 
     data = save({k: v.contiguous() for k, v in tensors.items()})
-    _fsync_write(path, data)
+    fsync_write(path, data)
     IO_BYTES["written"] += len(data)
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
@@ -655,7 +595,8 @@ def wait_for_save() -> Optional[Path]:
 
 
 def save_checkpoint(engine, named_params: Iterable, cfg: Config, ctx: ParallelContext, step: int,
-                    consumed_samples: int, tokenizer=None, asynchronous: bool = False) -> Path:
+                    consumed_samples: int, tokenizer=None, asynchronous: bool = False,
+                    anchor: Optional[tuple[int, int]] = None) -> Path:
     """Collective: every rank calls it.  Returns the committed checkpoint directory.
 
     Every data-parallel rank writes the part of each (TP, PP) shard's fp32 masters and Adam moments
@@ -664,7 +605,9 @@ def save_checkpoint(engine, named_params: Iterable, cfg: Config, ctx: ParallelCo
     and :func:`wait_for_save`, wait for it); the returned directory exists once committed.
 
     ``tokenizer`` (a :class:`~megallama.data.tokenizer.Tokenizer` with ``.path``/``.fingerprint``,
-    or None) is copied in, so a checkpoint is self-contained for evaluation and export."""
+    or None) is copied in, so a checkpoint is self-contained for evaluation and export.  ``anchor``:
+    the (step, consumed samples) the run started from, recorded so that a reader can check that
+    ``consumed_samples`` adds up (:func:`megallama.ckpt_validate.validate_meta`)."""
     global _PENDING
     import time
 
@@ -708,6 +651,8 @@ def save_checkpoint(engine, named_params: Iterable, cfg: Config, ctx: ParallelCo
             "optimizer_lrs": [g["lr"] for g in base_opt.param_groups],
             "config": cfg.to_dict(), "stage_of": {n: stage for names, stage in stages for n in names},
         }
+        if anchor is not None:
+            meta["data_anchor"] = {"step": anchor[0], "consumed_samples": anchor[1]}
     times = {"asynchronous": asynchronous}
     SAVE_TIMES.append(times)
     args = (ctx, tmp, final, root, weights, moments, held, rng, meta, tokenizer, cfg.train.keep_last, step, times)
@@ -746,7 +691,7 @@ def _write_and_commit(ctx: ParallelContext, tmp: Path, final: Path, root: Path, 
                 files[file] = _save_tensors(tensors, tmp / file)
                 parts[file] = {t: held[t.split("/")[0]] for t in tensors}
         name = f"rng/rank{ctx.rank:05d}.json"
-        _fsync_write(tmp / name, rng)
+        fsync_write(tmp / name, rng)
         files[name] = {"bytes": len(rng), "sha256": hashlib.sha256(rng).hexdigest()}
     except OSError as exc:
         error = f"rank {ctx.rank}: {exc}"
@@ -755,8 +700,7 @@ def _write_and_commit(ctx: ParallelContext, tmp: Path, final: Path, root: Path, 
         reports = _gather_objects(mine, ctx)
     else:
         marker = tmp / "done" / f"rank{ctx.rank:05d}.json"
-        _fsync_write(marker.with_suffix(".tmp"), json.dumps(mine).encode())
-        os.replace(marker.with_suffix(".tmp"), marker)
+        write_bytes(marker, json.dumps(mine).encode(), durable=True)
         reports = []
         if ctx.rank == 0:
             done = tmp / "done"
@@ -777,19 +721,13 @@ def _write_and_commit(ctx: ParallelContext, tmp: Path, final: Path, root: Path, 
     shutil.rmtree(tmp / "done", ignore_errors=True)
     if tokenizer is not None and getattr(tokenizer, "path", None):
         data = Path(tokenizer.path).read_bytes()
-        _fsync_write(tmp / TOKENIZER_FILE, data)
+        fsync_write(tmp / TOKENIZER_FILE, data)
         all_files[TOKENIZER_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     meta = dict(meta, files=all_files, parts=all_parts)
     fault_point("kill-during-save", step)  # MEGALLAMA_FAULT=kill-during-save@STEP (tests)
-    _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1).encode())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)  # the rename is durable before `latest` names it
-    pointer = root / "latest.tmp"
-    _fsync_write(pointer, final.name.encode())
-    os.replace(pointer, root / "latest")
-    _fsync_dir(root)
+    fsync_write(tmp / "meta.json", json.dumps(meta, indent=1).encode())
+    commit_directory(tmp, final)  # durable before `latest` names it
+    commit_latest(root, final.name, step)
     _prune(root, keep_last, keep=final.name)
     if times is not None:
         times["write_s"] = time.perf_counter() - began
@@ -950,7 +888,7 @@ def write_checkpoint(out: str | Path, cfg: Config, weights: dict[str, torch.Tens
                         parts[file] = {k: [0, v.numel()] for k, v in tensors.items()}
         if tokenizer_path:
             data = Path(tokenizer_path).read_bytes()
-            _fsync_write(tmp / TOKENIZER_FILE, data)
+            fsync_write(tmp / TOKENIZER_FILE, data)
             files[TOKENIZER_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         meta = {"format": FORMAT, "version": VERSION, "megallama_version": __version__, "step": step,
                 "consumed_samples": consumed_samples,
@@ -960,8 +898,8 @@ def write_checkpoint(out: str | Path, cfg: Config, weights: dict[str, torch.Tens
                 "lr_scheduler_last_epoch": step if moments is not None else None, "optimizer_lrs": None,
                 "config": cfg.to_dict(), "stage_of": stage_of, "files": files, "parts": parts,
                 **(extra_meta or {})}
-        _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1).encode())
-        os.replace(tmp, out)
+        fsync_write(tmp / "meta.json", json.dumps(meta, indent=1).encode())
+        commit_directory(tmp, out)
     return out
 
 
@@ -983,6 +921,6 @@ def write_run_checkpoint(run_dir: str | Path, cfg: Config, weights: dict[str, to
         (tmp / "checkpoints").mkdir(parents=True)
         final = write_checkpoint(tmp / "checkpoints" / step_name(step), cfg, weights, moments, step,
                                  consumed_samples, tokenizer_path, extra_meta)
-        _fsync_write(tmp / "checkpoints" / "latest", final.name.encode())
-        os.replace(tmp, run_dir)  # also replaces an existing *empty* directory
+        fsync_write(tmp / "checkpoints" / "latest", final.name.encode())
+        commit_directory(tmp, run_dir)  # also replaces an existing *empty* directory
     return run_dir / "checkpoints" / final.name

@@ -168,7 +168,7 @@ def test_bad_fault_spec_is_one_line_exit_2_before_any_process_group(tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1, err
     assert err[0] == ("megallama train: error: MEGALLAMA_FAULT: bad item 'boom@2'; "
-                      "expected nan|die|hang|diskfull|kill-during-save@STEP[:RANK]"), err[0]
+                      "expected nan|die|hang|diskfull|kill-during-save|latestfull@STEP[:RANK]"), err[0]
     assert not run_dir.exists() and not dist.is_initialized()
 
 

@@ -1,0 +1,156 @@
+"""Atomic writes: every file and directory megallama writes appears complete or not at all.
+
+The one helper for committing output (checkpoints and their ``latest`` pointer, converted models,
+datasets' manifests, results, summaries, heartbeats, curated text):
+
+* a **file** is written under a temporary name next to it (hidden, unique to this process and call,
+  so concurrent writers and a user's own ``X.tmp`` are never touched), flushed (and fsynced with
+  ``durable=True``), then renamed over its target with ``os.replace``, atomic on POSIX filesystems:
+  a reader sees the old file or the new one, never a part, and a failed write leaves no temporary
+  file (:func:`replacing`, :func:`write_bytes`, :func:`write_text`);
+* a **directory** is built in a new temporary directory beside it (:func:`building`), then renamed
+  into place (:func:`commit_directory`; an existing one is moved aside first and removed only once
+  the new one is in place);
+* inside a directory that is being built, files need no rename of their own: :func:`fsync_write`
+  makes them durable before the directory's rename.
+
+Only the standard library: ``parallel/``, the data tools and the checkpoint code all use it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Iterator
+
+from megallama.errors import CheckpointError
+
+_serial = itertools.count()  # temporary names unique across threads (an asynchronous checkpoint writer)
+
+
+def temporary_name(path: Path) -> Path:
+    """A hidden name next to ``path``, unique to this process and call."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{next(_serial)}.tmp")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames inside ``path`` durable (POSIX needs the directory itself fsynced)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def fsync_write(path: Path, data: bytes) -> None:
+    """Write a new file inside a directory being built and make it durable (no rename of its own)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextmanager
+def replacing(path: str | Path, mode: str = "w", durable: bool = False, **open_kwargs) -> Iterator[IO]:
+    """``with replacing(path) as f: f.write(...)``: ``path`` is replaced by what the block wrote, once
+    the block completes; if it raises, ``path`` is untouched and the temporary file removed.
+    ``durable``: fsync the file and its directory (a crash after the return keeps the new file)."""
+    path = Path(path)
+    tmp = temporary_name(path)
+    f = open(tmp, mode, **open_kwargs)
+    try:
+        try:
+            yield f
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        finally:
+            f.close()
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def write_bytes(path: str | Path, data: bytes, durable: bool = False) -> None:
+    with replacing(path, "wb", durable=durable) as f:
+        f.write(data)
+
+
+def write_text(path: str | Path, text: str, durable: bool = False) -> None:
+    with replacing(path, "w", durable=durable, encoding="utf-8") as f:
+        f.write(text)
+
+
+# ----------------------------------------------------------------------------- directories
+
+def new_tmp_dir(out: Path) -> Path:
+    """A new, empty directory next to ``out`` to build it in, then rename: its name is unique, so
+    no file of the user's (say a directory called ``OUT.tmp``) is ever removed or written into."""
+    for attempt in range(1000):
+        tmp = out.with_name(f".{out.name}.{os.getpid()}-{attempt}.tmp")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()  # fails if it exists: nothing of anyone else's is reused
+            return tmp
+        except FileExistsError:
+            if not out.parent.is_dir():
+                break
+        except OSError as exc:
+            raise CheckpointError(f"cannot create output '{out}' ({exc.strerror}); choose another path") from None
+    raise CheckpointError(f"cannot create output '{out}' (its parent is not a directory); choose another path")
+
+
+class WriteFailed(CheckpointError):
+    """An output could not be written (its temporary directory is already removed)."""
+
+    def __init__(self, out: Path, exc: OSError):
+        self.os_error = exc
+        super().__init__(f"writing '{out}' failed ({exc.strerror or exc}); nothing was written and an existing "
+                         "output is kept: free space or choose another --output")
+
+
+@contextmanager
+def building(out: Path) -> Iterator[Path]:
+    """A new temporary directory (:func:`new_tmp_dir`) to build ``out`` in; the block commits it with
+    :func:`commit_directory`.  If the block fails the directory is removed, and a failed write (a full
+    disk, a nested output's :class:`WriteFailed`) is reported as one line naming ``out``."""
+    tmp = new_tmp_dir(out)
+    try:
+        yield tmp
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # a refused tensor or a full disk leaves nothing behind
+        if isinstance(exc, (OSError, WriteFailed)):
+            raise WriteFailed(out, getattr(exc, "os_error", exc)) from None
+        raise
+
+
+def commit_directory(tmp: Path, out: Path) -> None:
+    """Replace ``out`` by the completed ``tmp`` directory (a reader never sees a half-written one);
+    an existing ``out`` is moved aside first and only deleted once ``tmp`` is in place."""
+    aside = None
+    if out.exists() or out.is_symlink():
+        aside = next(a for i in range(1000) if not (a := out.with_name(f".{out.name}.{os.getpid()}-{i}.old")).exists())
+        os.replace(out, aside)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if aside is not None:
+            os.replace(aside, out)
+        raise
+    fsync_dir(out.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() and not aside.is_symlink() else aside.unlink()
