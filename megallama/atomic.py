@@ -14,6 +14,11 @@ datasets' manifests, results, summaries, heartbeats, curated text):
 * inside a directory that is being built, files need no rename of their own: :func:`fsync_write`
   makes them durable before the directory's rename.
 
+Two streaming writers commit several files as one and rename their parts themselves, in the order
+their readers rely on: an indexed dataset's ``.bin``/``.idx`` pair (the ``.idx`` last,
+:class:`megallama.data.indexed.IndexedDatasetWriter`) and a curate task's files then its marker
+(:mod:`megallama.data.shards`).
+
 Only the standard library: ``parallel/``, the data tools and the checkpoint code all use it.
 """
 
@@ -59,21 +64,20 @@ def fsync_write(path: Path, data: bytes) -> None:
 
 
 @contextmanager
-def replacing(path: str | Path, mode: str = "w", durable: bool = False, **open_kwargs) -> Iterator[IO]:
-    """``with replacing(path) as f: f.write(...)``: ``path`` is replaced by what the block wrote, once
-    the block completes; if it raises, ``path`` is untouched and the temporary file removed.
-    ``durable``: fsync the file and its directory (a crash after the return keeps the new file)."""
+def committing(path: str | Path, durable: bool = False) -> Iterator[Path]:
+    """``with committing(path) as tmp: write(tmp)``: a temporary path next to ``path`` for a writer
+    that takes a file name (a library's ``save(path)``); renamed over ``path`` when the block
+    completes, removed if it raises.  ``durable``: fsync the file and its directory."""
     path = Path(path)
     tmp = temporary_name(path)
-    f = open(tmp, mode, **open_kwargs)
     try:
-        try:
-            yield f
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        finally:
-            f.close()
+        yield tmp
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -83,6 +87,16 @@ def replacing(path: str | Path, mode: str = "w", durable: bool = False, **open_k
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+@contextmanager
+def replacing(path: str | Path, mode: str = "w", durable: bool = False, **open_kwargs) -> Iterator[IO]:
+    """``with replacing(path) as f: f.write(...)``: ``path`` is replaced by what the block wrote, once
+    the block completes; if it raises, ``path`` is untouched and the temporary file removed.
+    ``durable``: fsync the file and its directory (a crash after the return keeps the new file)."""
+    with committing(path, durable=durable) as tmp:
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
 
 
 def write_bytes(path: str | Path, data: bytes, durable: bool = False) -> None:

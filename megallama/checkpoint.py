@@ -31,13 +31,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import random
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -45,7 +43,7 @@ import torch.distributed as dist
 
 from megallama import __version__
 from megallama.config import Config, ModelConfig, config_from_dict
-from megallama.atomic import WriteFailed, building, commit_directory, fsync_dir, fsync_write, new_tmp_dir, write_bytes  # noqa: F401 (re-exported)
+from megallama.atomic import building, commit_directory, fsync_write, write_bytes
 from megallama.ckpt_validate import commit_latest, latest_target, validate_meta
 from megallama.errors import CheckpointError
 from megallama.faults import fault_point

@@ -24,7 +24,6 @@ Every failure is one line (:class:`CheckpointError`, exit status 2).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from pathlib import Path

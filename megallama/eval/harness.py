@@ -10,6 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from megallama.atomic import write_text
 from megallama.errors import DataError, UserError
 from megallama.eval import metrics
 from megallama.eval.executor import Limits, humaneval_program, mbpp_program, run_programs
@@ -387,10 +388,7 @@ def write_results(results: Sequence[TaskResult], path: str, config: dict, force:
     model = os.path.basename(os.path.normpath(str(config.get("checkpoint", "")))) or "model"
     table = markdown_table(results) + "\n" + paper_row(results, model)
     for p, text in ((path, json.dumps(payload, indent=1)), (md_path, table)):
-        tmp = p + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, p)
+        write_text(p, text)
 
 
 def log_to_tensorboard(writer, results: Sequence[TaskResult], step: int) -> None:
