@@ -221,14 +221,15 @@ class RunLog:
 def _metrics_log(path: Path, start_step: int):
     """``metrics.jsonl`` opened for appending, without the lines of steps after ``start_step``: a
     resume replays them, and each step keeps one line (a torn last line of a killed run goes too)."""
-    if path.is_file():
-        text, kept = path.read_text(), []
+    if path.is_file():  # junk (not UTF-8, not a step's JSON object) is dropped with the replayed steps
+        text, kept = path.read_bytes().decode("utf-8", "replace"), []
         lines = text.splitlines()
         for line in lines:
             try:
-                if json.loads(line)["step"] <= start_step:
+                step = json.loads(line)["step"]
+                if isinstance(step, int) and not isinstance(step, bool) and step <= start_step:
                     kept.append(line + "\n")
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, IndexError):
                 continue
         if len(kept) == len(lines) and text.endswith("\n"):
             return open(path, "a")

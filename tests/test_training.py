@@ -211,8 +211,8 @@ def test_save_interval_minus_one_keeps_no_checkpoint(tmp_path):
 
 
 def test_resume_logs_each_step_once_and_counts_tokens_from_the_checkpoint(tmp_path):
-    """A run killed after step 3 (checkpoint at 2) and resumed replays step 3: metrics.jsonl and
-    TensorBoard hold it once, and train/consumed_tokens goes on from the checkpoint's position."""
+    """A run killed after step 3 (checkpoint at 2) and resumed replays step 3: metrics.jsonl (junk
+    appended to it dropped) and TensorBoard hold it once, and train/consumed_tokens goes on from the checkpoint's position."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from tests.launch import megallama, run
@@ -222,6 +222,8 @@ def test_resume_logs_each_step_once_and_counts_tokens_from_the_checkpoint(tmp_pa
                     "--set", f"train.run_dir={run_dir}")
     killed, _ = run(cmd, timeout=240, MEGALLAMA_FAULT="die@4")
     assert killed.returncode != 0 and (run_dir / "checkpoints" / "step_00000002").is_dir(), killed.stderr[-2000:]
+    with open(run_dir / "metrics.jsonl", "ab") as f:  # junk appended by hand or a broken disk: dropped, no traceback
+        f.write(b'\xff\xfe not utf-8\n[1, 2]\n{"step": "3"}\n{"step": true}\n')
     done, _ = run(cmd, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

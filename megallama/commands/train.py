@@ -15,7 +15,7 @@ from megallama.engine import deepspeed_config
 from megallama.errors import ConfigError, UserError, say
 from megallama.faults import EXIT_HALTED, Faults, TrainingHalted, report_failure
 from megallama.finetune import add_finetune_arguments, finetune_config
-from megallama.preflight import check_inputs
+from megallama.preflight import check_inputs, check_model_fits
 from megallama.restore import check_start
 from megallama.train import EXIT_PREEMPTED, train
 
@@ -28,7 +28,7 @@ def add_arguments(p):
 def run(args) -> int:
     world = world_size_from_env()
     cfg = finetune_config(config_from_args(args, world, default_preset="demo"), args)
-    check_environment(cfg)
+    check_environment(cfg, world)
     deepspeed_config(cfg, world)  # a bad or contradicting ds_template: one line before any process group
     together = False  # whether every rank reaches the end, so they can leave the group in step
     try:
@@ -51,12 +51,13 @@ def run(args) -> int:
     return 0
 
 
-def check_environment(cfg: Config) -> None:
+def check_environment(cfg: Config, world_size: int = 1) -> None:
     """Checks that need the machine, done before any process group or file exists."""
     Faults.from_env(0)  # a malformed MEGALLAMA_FAULT: one line now, not a traceback on every rank later
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision=fp16 needs a GPU (no fp16 loss scaling on DeepSpeed's CPU backend); "
                           "use bf16 or fp32 on CPU")
+    check_model_fits(cfg, world_size)
     check_start(cfg)  # the run directory, and the checkpoint the run resumes or starts from
     check_inputs(cfg)
 

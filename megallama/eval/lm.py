@@ -194,7 +194,18 @@ def _load_hf(path: str, device: str, dtype: Optional[torch.dtype]) -> HFAdapter:
         raise CheckpointError(f"cannot load Hugging Face model from {path}: {str(exc).splitlines()[0]}")
     with open(os.path.join(path, "config.json")) as f:
         max_len = json.load(f).get("max_position_embeddings")
-    return HFAdapter(model.to(device), load_tokenizer(tok_path), max_seq_len=max_len)
+    tokenizer = load_tokenizer(tok_path)
+    _check_vocab(tokenizer, model.config.vocab_size, tok_path, path)
+    return HFAdapter(model.to(device), tokenizer, max_seq_len=max_len)
+
+
+def _check_vocab(tokenizer, model_vocab: int, tok_path: str, path: str) -> None:
+    """A tokenizer with more pieces than the model has embedding rows: one line, not an index error
+    mid-forward (fewer is fine: a model may pad its vocabulary)."""
+    n = tokenizer.vocab_size
+    if n > model_vocab:
+        raise CheckpointError(f"tokenizer '{tok_path}' has {n:,} pieces but the model in {path} has a vocabulary "
+                              f"of {model_vocab:,}; put the tokenizer the model was trained with there")
 
 
 def _check_tensor_parallel(cfg, tp: int, path) -> None:
@@ -230,10 +241,12 @@ def load_megallama_checkpoint(path: str, device: str, dtype: Optional[torch.dtyp
     if not os.path.isfile(tok_path):
         raise CheckpointError(f"checkpoint {reader.path} has no {TOKENIZER_FILE}; copy the run's SentencePiece "
                               "model there")
+    tokenizer = load_tokenizer(tok_path)
+    _check_vocab(tokenizer, model_cfg.vocab_size, tok_path, str(reader.path))
     model = Transformer(model_cfg, ctx)
     specs = shard_specs(model_cfg, tp)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(reader.read_shard(name, None, specs[name], ctx.tp_rank, tp))
     model = model.to(device=device, dtype=dtype or torch.float32).eval()
-    return MegallamaAdapter(model, model_cfg, load_tokenizer(tok_path), dtype=dtype)
+    return MegallamaAdapter(model, model_cfg, tokenizer, dtype=dtype)
