@@ -245,6 +245,28 @@ def test_disk_full_at_the_latest_pointer_keeps_the_previous_and_resumes(tmp_path
     assert (root / "latest").read_text() == "step_00000004"
 
 
+def test_disk_full_when_resuming_is_one_line(reference, tmp_path):
+    """A full disk (here a 1000-byte file-size limit once the imports are done) while a resumed run
+    writes its logs: one line and exit 2, no traceback (TensorBoard's writer thread included), the
+    checkpoints untouched."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference[0], run_dir)
+    before = {k: v for k, v in snapshot(run_dir / "checkpoints").items()}
+    code = ("import resource, signal, sys, tempfile; import deepspeed; from megallama import cli\n"
+            "tempfile.gettempdir(); signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))\n"
+            "sys.exit(cli.main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, *train_args(run_dir, "train.steps=10", "train.save_interval=2",
+                                                                "train.tensorboard=true")],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("megallama train: error:") and ("free space, then run the same command" in last or
+                                                            "the previous checkpoint is kept" in last), last
+    assert snapshot(run_dir / "checkpoints") == before
+
+
 @pytest.mark.parametrize("override,expect", [
     ("model.dim=128", "model.dim=64 but the config says 128"),
     ("parallel.tp=2", "world size 1"),
