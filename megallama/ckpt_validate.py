@@ -137,11 +137,11 @@ def validate_meta(ckpt: Path, meta: dict) -> dict:
     for name, info in files.items():
         path = ckpt / name
         if not path.is_file():
-            raise CheckpointError(f"checkpoint file '{path}' listed in meta.json is missing; the checkpoint is "
+            raise CheckpointError(f"checkpoint file '{path}' is missing (meta.json lists it); the checkpoint is "
                                   "incomplete, resume from an earlier one")
         if path.stat().st_size != info["bytes"]:
-            raise CheckpointError(f"checkpoint file '{path}' has {path.stat().st_size} bytes but meta.json records "
-                                  f"{info['bytes']}; it is truncated or corrupt: restore it or resume from an earlier one")
+            raise CheckpointError(f"checkpoint file '{path}' is truncated or corrupt ({path.stat().st_size} bytes, "
+                                  f"meta.json records {info['bytes']}); restore it or resume from an earlier checkpoint")
     unlisted = sorted(_on_disk(ckpt) - set(files))
     if unlisted:
         raise CheckpointError(f"checkpoint file '{ckpt / unlisted[0]}' is not covered by meta.json (no size or sha256 "
