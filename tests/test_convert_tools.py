@@ -476,7 +476,7 @@ def test_a_write_failing_partway_leaves_no_temporary_directory(model_ckpt, tmp_p
     else:  # reshard and import-hf need a new output: the failing write is the second shard
         (out / "old.txt").unlink()
         out.rmdir()
-        monkeypatch.setattr(megallama.checkpoint, "fsync_write", _fail_on_call(2, megallama.checkpoint.fsync_write))
+        monkeypatch.setattr(megallama.checkpoint.offline, "fsync_write", _fail_on_call(2, megallama.checkpoint.offline.fsync_write))
     capsys.readouterr()
     status = main([tool, *args, "--output", str(out)])
     err = capsys.readouterr().err.strip().splitlines()

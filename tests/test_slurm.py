@@ -177,8 +177,6 @@ def _rank0_log(logs: Path) -> str:
     ("train_deepspeed.sbatch", TWO_TASKS, {}),
 ])
 def test_preemption_checkpoints_requeues_and_resumes(slurm, tmp_path, script, options, extra):
-    if not (ROOT / "megallama" / "checkpoint.py").exists():
-        pytest.skip("checkpoint save/resume (megallama/checkpoint.py) is not in this checkout yet")
     logs = tmp_path / "logs"
     steps = 100
     job = _submit(slurm, script, options, train_args(tmp_path / "run", steps=steps), logs, **extra)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, building, write_run_checkpoint
+from megallama.atomic import building
+from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, write_run_checkpoint
 from megallama.config import ModelConfig
 from megallama.convert import hf_config, hf_to_ours, ours_to_hf
 from megallama.errors import CheckpointError, UserError

@@ -19,7 +19,8 @@ from typing import Optional
 
 import torch
 
-from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, building, write_run_checkpoint
+from megallama.atomic import building
+from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, write_run_checkpoint
 from megallama.config import ModelConfig
 from megallama.convert import meta_to_ours, ours_to_meta
 from megallama.errors import CheckpointError

@@ -110,8 +110,8 @@ _STAGES: dict = {}
 
 def stages(m: ModelConfig, lay: Layout) -> list[tuple[int, int]]:
     """(transformer blocks, vocabulary matrices) of each pipeline stage, as training places them
-    (:func:`megallama.checkpoint.stage_assignment` with the layout's ``pipeline_partition``)."""
-    from megallama.checkpoint import stage_assignment
+    (:func:`megallama.sharding.stage_assignment` with the layout's ``pipeline_partition``)."""
+    from megallama.sharding import stage_assignment
 
     key = (repr(m), lay.pp, lay.pipeline_partition)
     if key not in _STAGES:

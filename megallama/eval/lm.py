@@ -228,7 +228,8 @@ def load_megallama_checkpoint(path: str, device: str, dtype: Optional[torch.dtyp
     """
     import torch.distributed as dist
 
-    from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, shard_specs
+    from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader
+    from megallama.sharding import shard_specs
     from megallama.model import Transformer
     from parallel.topology import ParallelContext
 
