@@ -29,7 +29,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterator, Optional
 
 from megallama.errors import CheckpointError
 
@@ -110,6 +110,17 @@ def write_text(path: str | Path, text: str, durable: bool = False) -> None:
 
 
 # ----------------------------------------------------------------------------- directories
+
+def check_new_output(path: str | Path, force: Optional[bool] = None) -> Path:
+    """Refuse an existing output unless ``force``; ``force=None``: the tool has no ``--force``."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if not force:
+            how = "choose a new path or remove it" if force is None else "choose a new path or pass --force"
+            raise CheckpointError(f"output '{path}' already exists; {how}")
+    return path
+
+
 
 def new_tmp_dir(out: Path) -> Path:
     """A new, empty directory next to ``out`` to build it in, then rename: its name is unique, so

@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-from megallama.atomic import commit_directory  # noqa: F401 (the tools' import of the one helper)
+from megallama.atomic import check_new_output, commit_directory  # noqa: F401 (the tools' imports of the one helper)
 from megallama.config import Config, ModelConfig, ParallelConfig, validate
 from megallama.errors import CheckpointError, UserError
 
@@ -59,16 +59,6 @@ def imported_config(model: ModelConfig, tp: int, pp: int) -> Config:
     cfg = Config(model=model, parallel=ParallelConfig(tp=tp, pp=pp, zero_stage=0 if pp > 1 else 1))
     cfg = replace(cfg, train=replace(cfg.train, seq_len=seq, precision="fp32"))
     return validate(cfg, tp * pp)
-
-
-def check_new_output(path: str | Path, force: Optional[bool] = None) -> Path:
-    """Refuse an existing output unless ``force``; ``force=None``: the tool has no ``--force``."""
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        if not force:
-            how = "choose a new path or remove it" if force is None else "choose a new path or pass --force"
-            raise CheckpointError(f"output '{path}' already exists; {how}")
-    return path
 
 
 def check_not_source(out: Path, source: Path) -> None:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from megallama.atomic import building, commit_directory, fsync_write
+from megallama.atomic import building, check_new_output, commit_directory, fsync_write
 from megallama.checkpoint.format import MOMENTS, copy_tokenizer, layout_record, new_meta, part_file, save_tensors, step_name
 from megallama.config import Config, ModelConfig
 from megallama.errors import CheckpointError
@@ -38,7 +38,7 @@ def write_checkpoint(out: str | Path, cfg: Config, weights: dict[str, torch.Tens
     The directory is written under a temporary name and renamed when complete.
     """
     out = Path(out)
-    if out.exists():
+    if out.exists():  # even an empty directory: a checkpoint is never written into something that exists
         raise CheckpointError(f"output '{out}' already exists; choose a new path or remove it")
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     specs = shard_specs(cfg.model, tp)
@@ -92,9 +92,7 @@ def write_run_checkpoint(run_dir: str | Path, cfg: Config, weights: dict[str, to
     ``megallama train --set train.run_dir=RUN_DIR`` resumes from them and every reader
     (eval, export, reshard) accepts them.  Refuses an existing non-empty ``run_dir``.
     """
-    run_dir = Path(run_dir)
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise CheckpointError(f"output '{run_dir}' already exists; choose a new path or remove it")
+    run_dir = check_new_output(run_dir)
     cfg = replace(cfg, train=replace(cfg.train, run_dir=str(run_dir)))
     with building(run_dir) as tmp:  # the whole run dir appears at once, or not at all
         (tmp / "checkpoints").mkdir(parents=True)
