@@ -189,10 +189,17 @@ def main() -> None:
         print(f"{source:<7}{size / 1e6:>7.1f}{n:>7}  " + "  ".join(
             f"{size / 1e6 / r['seconds']:>10.2f}{n / r['seconds']:>8.0f}{r['kept']:>6}{r['rss_mb']:>8.0f}" for r in runs)
             + f"  {len(set(outs)) == 1}")
-    inp, size, n = inputs["c4"]
-    ours = {json.loads(line)["text"] for line in open(tmp / f"c4-w{args.workers[0]}.jsonl")}
+    # datatrove has no dedup: compare on the first copy alone (distinct pages), ours with --near-dup-threshold 0
+    one = tmp / "c4-first-copy"
+    one.mkdir()
+    (one / "part-000.jsonl").write_bytes((inputs["c4"][0] / "part-000.jsonl").read_bytes())
+    size, n = (one / "part-000.jsonl").stat().st_size, sum(1 for _ in open(one / "part-000.jsonl"))
+    mine = curate(one, tmp / "c4-first.jsonl", "c4", 1)
+    ours = {json.loads(line)["text"] for line in open(tmp / "c4-first.jsonl")}
+    print(f"megallama --source c4 on the first copy ({n} pages, {size / 1e6:.1f} MB): {size / 1e6 / mine['seconds']:.2f} "
+          f"MB/s, kept {len(ours)}")
     for w in args.workers:
-        got = datatrove_c4(inp, tmp / f"datatrove-c4-w{w}", w)
+        got = datatrove_c4(one, tmp / f"datatrove-c4-w{w}", w)
         theirs = set(got["texts"])
         both = len(ours & theirs)
         print(f"datatrove C4QualityFilter W={w}: {size / 1e6 / got['seconds']:.2f} MB/s, {n / got['seconds']:.0f} docs/s, "

@@ -349,6 +349,31 @@ def set_held(p, key: str | None, value: torch.Tensor) -> None:
     fragment.data.copy_(value.to(fragment.device).view_as(fragment))
 
 
+def zero3_partition(p) -> tuple[int, int, int] | None:
+    """ZeRO-3: (flat start, numel, partition size) of the range of ``p``'s TP shard whose fp32 master and
+    moments this rank's partition holds (the last rank's partition is padded past the tensor's end);
+    None when ``p`` is not ZeRO-3 partitioned."""
+    opt = getattr(p, "_z3_optimizer", None)
+    if opt is None or not hasattr(p, "ds_tensor"):
+        return None
+    part = p.ds_tensor.numel()
+    start = min(opt._get_param_partition_rank(p) * part, p.ds_numel)
+    return start, min(part, p.ds_numel - start), part
+
+
+def set_zero3_partition(p, key: str | None, value: torch.Tensor, size: int) -> None:
+    """Set this rank's ZeRO-3 partition of the master (``key`` None) or of moment ``key`` from the flat
+    range :func:`zero3_partition` names (zero-padded to the partition's size)."""
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+    flat = torch.zeros(size, dtype=torch.float32)
+    flat[:value.numel()] = value.reshape(-1)
+    if key is None:
+        safe_set_local_fp32_param(p, flat)
+    else:
+        safe_set_local_optimizer_state(p, flat, key)
+
+
 # --- optimizer state (DeepSpeed internals) ---
 
 def _has_master(p) -> bool:

@@ -134,16 +134,18 @@ def _train(rank, world, overrides, run_dir):
 
 
 @pytest.mark.slow
-def test_dp2_zero2_parts_resume_bitwise_reading_only_what_each_rank_holds(tmp_path):
-    """dp=2 ZeRO-2 (async saves): each rank writes half the state, and a resume at the same layout
-    reads about half (its partition) and continues bit for bit."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_dp2_zero_parts_resume_bitwise_reading_only_what_each_rank_holds(tmp_path, stage):
+    """dp=2 ZeRO-2 and ZeRO-3 (async saves): each rank writes half the state, and a resume at the same
+    layout reads about half (its partition; ZeRO-3 used to read the whole shard) and continues bit for
+    bit."""
     import json
     import shutil
 
     from tests.distributed import run_ranks
 
     run = tmp_path / "run"
-    zero2 = ["parallel.zero_stage=2", "train.micro_batch_size=4"]
+    zero2 = [f"parallel.zero_stage={stage}", "train.micro_batch_size=4"]
     out = run_ranks(_train, 2, zero2 + ["train.save_interval=2", "train.async_save=true"], str(run), timeout=240)
     losses = out[0][0]
     ckpt = run / "checkpoints" / "step_00000002"

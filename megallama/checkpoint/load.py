@@ -39,11 +39,19 @@ def load_checkpoint(engine, named_params: Iterable, cfg: Config, ctx: ParallelCo
         raise CheckpointError(f"checkpoint '{ckpt}' holds weights only; start a new run from it with "
                               "--init-from instead of resuming")
     from megallama.engine import (_base_optimizer, _refresh_low_precision, held_range, init_optimizer_state, set_held,
-                                  set_master, set_moment, set_optimizer_step)
+                                  set_master, set_moment, set_optimizer_step, set_zero3_partition, zero3_partition)
 
     init_optimizer_state(engine)
 
     for name, p in named_params:
+        local = zero3_partition(p)
+        if local is not None:  # ZeRO-3: read and set only this rank's partition
+            start, numel, size = local
+            for key in (None, *MOMENTS) if load_optimizer else (None,):
+                value = reader.read_flat(name, key, specs[name], ctx.tp_rank, ctx.tp_size, start, numel) if numel \
+                    else torch.zeros(0)
+                set_zero3_partition(p, key, value, size)
+            continue
         held = held_range(p)
         if held is not None:  # ZeRO-1/2: read and set only this rank's partition
             start, numel = held
