@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from megallama import __version__
-from megallama.checkpoint.validate import latest_target, validate_meta
+from megallama.checkpoint.validate import latest_target, sha256_file, validate_meta
 from megallama.config import Config
 from megallama.errors import CheckpointError
 
@@ -87,14 +87,6 @@ def resolve(path: str | Path) -> Path:
     return found
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 IO_BYTES = {"read": 0, "written": 0, "verified": 0}
 
 
@@ -105,7 +97,7 @@ def verify_file(ckpt: Path, name: str, meta: dict, hash: bool = True) -> Path:
     if info is None or not path.is_file():
         raise CheckpointError(f"checkpoint file '{path}' is missing; the checkpoint is incomplete, "
                               "resume from an earlier one")
-    if path.stat().st_size != info["bytes"] or (hash and _sha256(path) != info["sha256"]):
+    if path.stat().st_size != info["bytes"] or (hash and sha256_file(path) != info["sha256"]):
         raise CheckpointError(f"checkpoint file '{path}' is truncated or corrupt (size/sha256 mismatch); "
                               "restore it or resume from an earlier checkpoint")
     if hash:

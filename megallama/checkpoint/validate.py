@@ -83,7 +83,7 @@ def _int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -146,7 +146,7 @@ def validate_meta(ckpt: Path, meta: dict) -> dict:
     if unlisted:
         raise CheckpointError(f"checkpoint file '{ckpt / unlisted[0]}' is not covered by meta.json (no size or sha256 "
                               "recorded), so it cannot be trusted; restore meta.json or resume from an earlier one")
-    if TOKENIZER_FILE in files and _sha256(ckpt / TOKENIZER_FILE) != files[TOKENIZER_FILE]["sha256"]:
+    if TOKENIZER_FILE in files and sha256_file(ckpt / TOKENIZER_FILE) != files[TOKENIZER_FILE]["sha256"]:
         raise CheckpointError(f"'{ckpt / TOKENIZER_FILE}' does not match the sha256 in meta.json: it is not the "
                               "tokenizer this model was trained with; restore the run's tokenizer.model")
 
