@@ -401,17 +401,26 @@ def log_to_tensorboard(writer, results: Sequence[TaskResult], step: int) -> None
 
 
 def evaluate_during_training(model, model_cfg, tokenizer, tasks: Sequence[PreparedTask], opts: EvalOptions,
-                             writer, step: int) -> list[TaskResult]:
+                             writer, step: int, ctx=None) -> list[TaskResult]:
     """The paper's "evolution during training": score ``tasks`` (prepared once, before training)
     with the live model and log each headline metric to TensorBoard at ``step``.
 
-    Every rank must call it (the model may be tensor-parallel); pass ``writer=None`` off rank 0.
+    Every rank must call it (the model may be tensor- or pipeline-parallel); pass ``writer=None`` off
+    rank 0.  With pipeline stages (``ctx.pp_size > 1``, ``model`` this rank's ``PipelineStages``) the
+    last stage runs the tasks down the pipeline and broadcasts the results
+    (:mod:`megallama.eval.pipelined`): every rank returns the same figures as at pp=1.
     """
     from megallama.eval.lm import MegallamaAdapter
 
     was_training = model.training
+    model.eval()
     try:
-        results = evaluate(MegallamaAdapter(model, model_cfg, tokenizer), tasks, opts)
+        if ctx is not None and ctx.pp_size > 1:
+            from megallama.eval.pipelined import evaluate_pipelined
+
+            results = evaluate_pipelined(model, model_cfg, tokenizer, tasks, opts, ctx)
+        else:
+            results = evaluate(MegallamaAdapter(model, model_cfg, tokenizer), tasks, opts)
     finally:
         model.train(was_training)
     if writer is not None:
