@@ -15,7 +15,7 @@ def _figures(results):
     return [(r.task, {k: v for k, v in r.metrics.items()}, r.records) for r in results]
 
 
-def _pp_vs_whole(rank, world, tok_path):
+def _pp_vs_whole(rank, world, tok_path, layout):
     import torch
 
     from megallama.config import load_config, validate
@@ -24,7 +24,7 @@ def _pp_vs_whole(rank, world, tok_path):
     from megallama.model import Transformer, init_parameters
     from tests.synthetic import synthetic_engine
 
-    cfg = validate(load_config(None, SETTINGS, preset="tiny"), world)
+    cfg = validate(load_config(None, SETTINGS + layout, preset="tiny"), world)
     env = synthetic_engine(cfg, world)  # this rank's stage, built and initialised as `megallama train` does
     tok = load_tokenizer(tok_path)
     opts = EvalOptions(max_new_tokens=4, batch_size=3)
@@ -38,16 +38,19 @@ def _pp_vs_whole(rank, world, tok_path):
     with torch.no_grad():
         want = evaluate(MegallamaAdapter(whole, cfg.model, tok), tasks, opts)
     assert env.engine.module.training  # put back in training mode
-    return env.ctx.pp_rank, _figures(got), _figures(want)
+    return (env.ctx.pp_rank, env.ctx.tp_rank, env.ctx.dp_rank), _figures(got), _figures(want)
 
 
 @pytest.mark.slow
-def test_task_evaluation_at_pp2_equals_pp1(tmp_path):
+@pytest.mark.parametrize("world,layout", [(2, []), (4, ["parallel.tp=2"]), (4, ["parallel.dp=2"])],
+                         ids=["pp2", "pp2-tp2", "pp2-dp2"])
+def test_task_evaluation_at_pp2_equals_pp1(tmp_path, world, layout):
     from tests.synthetic import meta_style_tokenizer
 
     tok = meta_style_tokenizer(tmp_path / "tok.model")
-    out = run_ranks(_pp_vs_whole, 2, tok, timeout=240)
-    assert sorted(o[0] for o in out) == [0, 1]
+    out = run_ranks(_pp_vs_whole, world, tok, layout, timeout=240)
+    assert sorted(o[0][0] for o in out) == [0] * (world // 2) + [1] * (world // 2)
+    assert len({o[0] for o in out}) == world
     for _, got, want in out:
         assert [g[0] for g in got] == [w[0] for w in want] == ["boolq", "naturalquestions", "perplexity"]
         for (_, gm, gr), (_, wm, wr) in zip(got, want):
@@ -58,7 +61,7 @@ def test_task_evaluation_at_pp2_equals_pp1(tmp_path):
                 assert a.keys() == b.keys()
                 for k in a:
                     assert a[k] == (pytest.approx(b[k], abs=1e-4) if k in ("logprobs", "mc2") else b[k]), k
-    assert out[0][1] == out[1][1]  # the broadcast: both stages return the same results
+    assert all(o[1] == out[0][1] for o in out)  # the broadcast: every stage returns the same results
 
 
 def test_task_evaluation_is_accepted_with_pipeline_stages():

@@ -52,7 +52,7 @@ class PipelineStage:
         from megallama.model import EmbeddingStage, HeadStage, TransformerBlock
 
         self.cfg, self.ctx = model_cfg, ctx
-        layers = [getattr(module, name) for _, name in module.local_layer_names()]
+        layers = list(module.forward_funcs)  # this stage's layers, in order (DeepSpeed's PipelineModule)
         self.embedding = next((m for m in layers if isinstance(m, EmbeddingStage)), None)
         self.blocks = [m for m in layers if isinstance(m, TransformerBlock)]
         self.head = next((m for m in layers if isinstance(m, HeadStage)), None)
