@@ -60,11 +60,14 @@ def main() -> None:
         reqs += [Request(ctx, " " + " ".join(rng.choice(words) for _ in range(rng.randint(3, 12))))
                  for _ in range(args.choices)]
     rows = []
-    for name, shared in (("choices: shared context (KV cache)", True), ("choices: one row per choice", False)):
+    for name, shared in (("choices: shared context (KV cache)", True), ("choices: one row per choice", False),
+                         ("choices: by the rule (share_pays, default)", None)):
         loglikelihoods(lm, reqs[: args.choices * 2], share_context=shared)  # warm-up
-        t = time.perf_counter()
-        loglikelihoods(lm, reqs, batch_size=16, share_context=shared)
-        dt = time.perf_counter() - t
+        dt = float("inf")
+        for _ in range(3):  # best of 3: the machine may be shared
+            t = time.perf_counter()
+            loglikelihoods(lm, reqs, batch_size=16, share_context=shared)
+            dt = min(dt, time.perf_counter() - t)
         rows.append((name, len(reqs), dt, f"{len(reqs) / dt:.1f} req/s"))
 
     prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) for _ in range(8)]
