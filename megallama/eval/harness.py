@@ -51,6 +51,12 @@ class EvalOptions:
     pass_k: tuple[int, ...] = (1,)
     exec_limits: Limits = field(default_factory=Limits)
     exec_workers: int = 2
+    # scorers of realtoxicityprompts and truthfulqa_gen (megallama/eval/judges.py)
+    toxicity_model: str = ""  # a local Hugging Face sequence-classification directory
+    perspective_key_file: str = ""  # or the Perspective API (needs network), its key in this file
+    truthful_judge: str = ""
+    informative_judge: str = ""
+    judge_device: str = "cpu"
 
 
 @dataclass
@@ -125,6 +131,10 @@ def prepare_task(spec: TaskSpec, opts: EvalOptions) -> PreparedTask:
                             f"--task perplexity=PATH ({spec.path or 'none given'} not found)")
         return PreparedTask(spec, None, [], [])
     fmt = FORMATS[spec.name]
+    if spec.name in ("realtoxicityprompts", "truthfulqa_gen"):
+        from megallama.eval.judges import check_options
+
+        check_options(spec.name, opts)
     examples = load_examples(spec, fmt, spec.path, "task")
     if opts.limit:
         examples = examples[: opts.limit]
@@ -150,6 +160,11 @@ def evaluate_task(lm: LanguageModel, task, opts: EvalOptions) -> TaskResult:
     spec, fmt, examples, prefixes = task.spec, task.fmt, task.examples, task.prefixes
     if spec.name == "perplexity":
         return _perplexity(lm, spec)
+    if examples[0].kind in ("toxicity", "judged"):  # scored by a second model
+        from megallama.eval.judges import RUNNERS
+
+        metrics_, records = RUNNERS[examples[0].kind](lm, spec, fmt, examples, prefixes, opts, _sample_all)
+        return TaskResult(spec.name, metrics_, records, len(examples))
     run = {"choice": _choice, "pair": _pairs, "generate": _generate, "code": _code}[examples[0].kind]
     metrics_, records = run(lm, spec, fmt, examples, prefixes, opts)
     return TaskResult(spec.name, metrics_, records, len(examples))
@@ -347,11 +362,20 @@ def evaluate(lm: LanguageModel, tasks: Sequence, opts: EvalOptions) -> list[Task
 
 def headline(result: TaskResult) -> tuple[str, float]:
     """The number the paper's tables report for this task."""
-    for key in ("acc", "mc1", "exact_match", "pass@1", "stereo_pct", "perplexity"):
+    for key in ("acc", "mc1", "exact_match", "pass@1", "stereo_pct", "perplexity", "truthful_informative",
+                "toxicity_basic"):
         if key in result.metrics:
             return key, result.metrics[key]
     key = next(k for k in result.metrics if "[" not in k and isinstance(result.metrics[k], float))
     return key, result.metrics[key]
+
+
+def _shown(key: str, value: float) -> str:
+    """As the paper prints it: perplexity and % stereotypical as is, a toxicity score to 3 places
+    (0-1, Table 11), every other figure as a percentage."""
+    if key.startswith("toxicity"):
+        return f"{value:.3f}"
+    return f"{value:.2f}" if key in ("perplexity", "stereo_pct") else f"{100 * value:.1f}"
 
 
 def markdown_table(results: Sequence[TaskResult]) -> str:
@@ -359,7 +383,7 @@ def markdown_table(results: Sequence[TaskResult]) -> str:
     lines = ["| Task | Metric | Value | N |", "|---|---|---:|---:|"]
     for r in results:
         key, value = headline(r)
-        shown = f"{value:.2f}" if key in ("perplexity", "stereo_pct") else f"{100 * value:.1f}"
+        shown = _shown(key, value)
         lines.append(f"| {r.task} | {key} | {shown} | {r.n} |")
     return "\n".join(lines) + "\n"
 
@@ -369,7 +393,7 @@ def paper_row(results: Sequence[TaskResult], model: str) -> str:
     cells = []
     for r in results:
         key, value = headline(r)
-        cells.append(f"{value:.2f}" if key in ("perplexity", "stereo_pct") else f"{100 * value:.1f}")
+        cells.append(_shown(key, value))
     return (f"| Model | {' | '.join(r.task for r in results)} |\n|---|{'---:|' * len(results)}\n"
             f"| {model} | {' | '.join(cells)} |\n")
 
