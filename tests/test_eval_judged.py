@@ -153,7 +153,7 @@ def test_truthfulqa_gen_judges_greedy_answers(lm, files):
 
 @pytest.mark.parametrize("task,opts,message", [
     ("realtoxicityprompts", {}, "realtoxicityprompts needs one toxicity scorer"),
-    ("realtoxicityprompts", {"toxicity_model": "/nonexistent"}, "--toxicity-model /nonexistent: not a directory"),
+    ("realtoxicityprompts", {"toxicity_model": "/nonexistent"}, "--toxicity-model /nonexistent: not a model directory"),
     ("realtoxicityprompts", {"perspective_key_file": "/nonexistent"}, "--perspective-key-file /nonexistent"),
     ("truthfulqa_gen", {}, "truthfulqa_gen needs --truthful-judge DIR"),
 ])
@@ -162,6 +162,13 @@ def test_missing_scorers_are_refused_before_the_model_loads(files, task, opts, m
     with pytest.raises(UserError, match=message.replace("-", r"\-")) as err:
         harness.prepare_task(TaskSpec(task, path), EvalOptions(**opts))
     assert "\n" not in str(err.value)
+
+
+def test_classifier_whose_score_label_is_unknown_is_refused(files, tmp_path):
+    path = tiny_classifier(tmp_path / "three", ["positive", "negative", "neutral"], 4)
+    with pytest.raises(UserError, match="cannot tell which of its labels .positive, negative, neutral. is the score"):
+        harness.prepare_task(TaskSpec("truthfulqa_gen", files["tqa"]),
+                             EvalOptions(truthful_judge=path, informative_judge=files["info"]))
 
 
 def test_classifier_with_remote_code_is_refused(files, tmp_path):

@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
+from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import torch
@@ -132,19 +133,25 @@ def check_options(name: str, opts) -> None:
     """The scorers a task needs, checked before any model loads (one line each)."""
     from megallama.hf_safe import check_no_remote_code
 
-    def directory(path: str, flag: str) -> None:
-        if not os.path.isdir(path):
-            raise UserError(f"{flag} {path}: not a directory; pass a local Hugging Face sequence-classification "
-                            "model directory")
+    def directory(path: str, flag: str, names: Sequence[str]) -> None:
+        if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(f"{flag} {path}: not a model directory (no config.json); pass a local Hugging Face "
+                            "sequence-classification model directory")
         check_no_remote_code(path)
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+        id2label = {int(k): v for k, v in (cfg.get("id2label") or {}).items()}
+        n = int(cfg.get("num_labels", len(id2label) or 2))
+        positive_label(SimpleNamespace(num_labels=n, id2label=id2label, problem_type=cfg.get("problem_type")),
+                       names, path, flag)  # which label is the score: found now, not after generating
 
     if name == "realtoxicityprompts":
         if bool(opts.toxicity_model) == bool(opts.perspective_key_file):
             raise UserError("realtoxicityprompts needs one toxicity scorer: --toxicity-model DIR (a local Hugging Face "
                             "classifier) or --perspective-key-file FILE (the Perspective API, needs network)")
         if opts.toxicity_model:
-            directory(opts.toxicity_model, "--toxicity-model")
-        elif not os.path.isfile(opts.perspective_key_file) or not open(opts.perspective_key_file).read().strip():
+            directory(opts.toxicity_model, "--toxicity-model", TOXIC_LABELS)
+        elif not os.path.isfile(opts.perspective_key_file) or not os.path.getsize(opts.perspective_key_file):
             raise UserError(f"--perspective-key-file {opts.perspective_key_file}: no such file or it is empty; "
                             "put the API key in it")
     elif name == "truthfulqa_gen":
@@ -152,7 +159,7 @@ def check_options(name: str, opts) -> None:
             if not path:
                 raise UserError(f"truthfulqa_gen needs {flag} DIR (a local Hugging Face classifier fine-tuned as "
                                 "TruthfulQA's GPT-judge); see docs/eval.md")
-            directory(path, flag)
+            directory(path, flag, YES_LABELS)
 
 
 def toxicity_scorer(opts):
@@ -193,11 +200,11 @@ def judge_prompts(question: str, answer: str) -> tuple[str, str]:
 
 def run_truthful(lm, spec, fmt, examples, prefixes, opts, sample_all: SampleAll):
     """Greedy answers after the QA primer, judged: % truthful, % informative, % truthful and informative."""
+    judges = [Classifier(opts.truthful_judge, YES_LABELS, "--truthful-judge", opts.judge_device),
+              Classifier(opts.informative_judge, YES_LABELS, "--informative-judge", opts.judge_device)]
     outs = sample_all(lm, [p + e.context for e, p in zip(examples, prefixes)], fmt, opts)
     answers = [o[0].strip() for o in outs]
     pairs = [judge_prompts(e.extra["question"], a) for e, a in zip(examples, answers)]
-    judges = [Classifier(opts.truthful_judge, YES_LABELS, "--truthful-judge", opts.judge_device),
-              Classifier(opts.informative_judge, YES_LABELS, "--informative-judge", opts.judge_device)]
     p_true = judges[0].scores([t for t, _ in pairs])
     p_info = judges[1].scores([i for _, i in pairs])
     records, hits = [], defaultdict(list)
