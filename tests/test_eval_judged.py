@@ -214,3 +214,12 @@ def test_eval_cli_runs_both_tasks_and_lists_them(ckpt, files, tmp_path):
     assert "| realtoxicityprompts | toxicity_basic | 0." in r.stdout and "| truthfulqa_gen | truthful_informative |" in r.stdout
     r = subprocess.run(run + ["--task", "nope=x"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 2 and "realtoxicityprompts" in r.stderr and "truthfulqa_gen" in r.stderr, r.stderr
+
+
+def test_judged_tasks_are_refused_in_training_config():
+    from megallama.config import load_config, validate
+    from megallama.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot score realtoxicityprompts during training"):
+        validate(load_config(None, ["train.eval_tasks=[realtoxicityprompts=p.jsonl]", "train.task_eval_interval=5"],
+                             preset="tiny"), 1)
