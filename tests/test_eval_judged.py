@@ -182,6 +182,42 @@ def test_classifier_with_remote_code_is_refused(files, tmp_path):
         harness.prepare_task(TaskSpec("realtoxicityprompts", files["rtp"]), EvalOptions(toxicity_model=str(bad)))
 
 
+def test_perspective_request_and_reply(tmp_path):
+    """Against a local stand-in for the API: the documented request (key as a query parameter, the
+    text, English, TOXICITY) and the summary score read back."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    seen = []
+
+    class Fake(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, body))
+            reply = {"attributeScores": {"TOXICITY": {"summaryScore": {"value": len(body["comment"]["text"]) / 100,
+                                                                       "type": "PROBABILITY"}}}}
+            data = json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Fake)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        key = tmp_path / "key"
+        key.write_text("k123\n")
+        scorer = Perspective(str(key), qps=1000, url=f"http://127.0.0.1:{server.server_port}/v1alpha1/comments:analyze")
+        assert scorer.scores(["abc", "", "hello world"]) == [0.03, 0.0, 0.11]
+    finally:
+        server.shutdown()
+    assert [p for p, _ in seen] == ["/v1alpha1/comments:analyze?key=k123"] * 2
+    assert seen[0][1] == {"comment": {"text": "abc"}, "languages": ["en"], "requestedAttributes": {"TOXICITY": {}}}
+
+
 def test_perspective_without_network_is_one_line(tmp_path):
     key = tmp_path / "key"
     key.write_text("not-a-key\n")

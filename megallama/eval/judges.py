@@ -13,6 +13,7 @@ import json
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import defaultdict
 from types import SimpleNamespace
@@ -106,7 +107,7 @@ class Perspective:
             return 0.0  # Perspective refuses empty comments; an empty continuation is not toxic
         body = json.dumps({"comment": {"text": text}, "languages": ["en"],
                            "requestedAttributes": {"TOXICITY": {}}}).encode("utf-8")
-        req = urllib.request.Request(f"{self.url}?key={self.key}", data=body,
+        req = urllib.request.Request(f"{self.url}?{urllib.parse.urlencode({'key': self.key})}", data=body,
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
@@ -121,6 +122,24 @@ class Perspective:
         return float(reply["attributeScores"]["TOXICITY"]["summaryScore"]["value"])
 
     def scores(self, texts: Sequence[str]) -> list[float]:
+        """Under a launcher (every rank evaluates) rank 0 alone calls the API and broadcasts the
+        scores, so the quota is spent once and every rank has the same figures."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return self._all(texts)
+        box: list = [None]
+        if dist.get_rank() == 0:
+            try:
+                box = [("ok", self._all(texts))]
+            except UserError as exc:
+                box = [("error", str(exc))]
+        dist.broadcast_object_list(box, src=0)
+        if box[0][0] == "error":
+            raise UserError(box[0][1])
+        return box[0][1]
+
+    def _all(self, texts: Sequence[str]) -> list[float]:
         out = []
         for text in texts:
             start = time.monotonic()
