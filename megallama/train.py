@@ -222,7 +222,7 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
         if tasks and (step + 1) % t.task_eval_interval == 0:
             from megallama.eval.harness import evaluate_during_training
 
-            evaluate_during_training(engine.module, cfg.model, data.tokenizer, tasks, task_opts, log.writer, step + 1)
+            evaluate_during_training(engine.module, cfg.model, data.tokenizer, tasks, task_opts, log.writer, step + 1, ctx)
         if step + 1 < total_steps and stop.agreed():
             save(step + 1, wait=True)
             if rank0:

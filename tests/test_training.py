@@ -126,18 +126,20 @@ def test_existing_run_dir_is_not_overwritten(tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "precious"
 
 
-def _task_eval_run(rank, world, run_dir):
+def _task_eval_run(rank, world, run_dir, layout=()):
     from tests.synthetic import train_tiny
 
-    train_tiny(world, BASE + ["train.steps=2", "train.tensorboard=true", "train.task_eval_interval=1",
+    train_tiny(world, BASE + list(layout) + ["train.steps=2", "train.tensorboard=true", "train.task_eval_interval=1",
                               "train.eval_tasks=[boolq=tests/fixtures/eval/boolq_dev.jsonl]"], run_dir, real_data=True)
 
 
-def test_benchmark_tasks_are_scored_during_training(tmp_path):
-    """The paper's evolution during training: task metrics land in TensorBoard at each interval."""
+@pytest.mark.parametrize("world,layout", [(1, []), (2, ["parallel.pp=2"])], ids=["pp1", "pp2"])
+def test_benchmark_tasks_are_scored_during_training(tmp_path, world, layout):
+    """The paper's evolution during training: task metrics land in TensorBoard at each interval
+    (at pp=2 too: the last stage scores, rank 0 on the first stage logs)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_ranks(_task_eval_run, 1, str(tmp_path), timeout=240)
+    run_ranks(_task_eval_run, world, str(tmp_path), layout, timeout=240)
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     tags = [t for t in events.Tags()["scalars"] if t.startswith("eval/boolq/")]

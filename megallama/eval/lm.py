@@ -74,6 +74,7 @@ class LanguageModel:
     vocab_size: int
     max_seq_len: int
     device: torch.device
+    width: int = 0  # the model's hidden size (0 = unknown): sizes the shared-context rule of scoring
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -96,6 +97,7 @@ class HFAdapter(LanguageModel):
         self.tokenizer = tokenizer
         self.vocab_size = int(model.config.vocab_size)
         self.max_seq_len = int(max_seq_len or getattr(model.config, "max_position_embeddings", 2048))
+        self.width = int(getattr(model.config, "hidden_size", 0) or 0)
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
@@ -132,6 +134,7 @@ class MegallamaAdapter(LanguageModel):
         self.tokenizer = tokenizer
         self.vocab_size = int(model_cfg.vocab_size)
         self.max_seq_len = int(model_cfg.max_seq_len)
+        self.width = int(model_cfg.dim)
         first = next(model.parameters())
         self.device, self.dtype = first.device, dtype or first.dtype
 
