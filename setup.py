@@ -27,7 +27,8 @@ setup(
         # `megallama curate` steps: language id, KenLM perplexity, fastText classifier, wikitext, SPDX licences
         "data": ["langid>=1.1.6", "kenlm>=0.2", "fasttext-wheel>=0.9.2", "mwparserfromhell>=0.6",
                  "license-expression>=30.0"],
-        "scale": ["ray>=2.9", "datatrove>=0.3"],  # `megallama curate --executor ray`; datatrove: benchmarks/curate_scale.py
+        "scale": ["ray>=2.9"],  # `curate`/`preprocess --executor ray`
+        "bench": ["datatrove>=0.3", "orjson", "spacy"],  # benchmarks/curate_sources.py: datatrove side by side
     },
     entry_points={"console_scripts": ["megallama=megallama.cli:entry"]},
 )

@@ -88,7 +88,7 @@ def formulas(preset: str, batch: int, seq: int, tp: int = 1, sp: bool = False) -
                      "selective": (10 * sbh) / split + 24 * sbh / t, "full": 2 * sbh / split}
     out = {}
     for mode in MODES:
-        lay = Layout(gpus=t, tp=t, micro_batch=batch, seq_len=seq, global_batch=batch, checkpointing=mode,
+        lay = Layout(gpus=t, tp=t, micro_batch_size=batch, seq_len=seq, global_batch_size=batch, activation_checkpointing=mode,
                      sequence_parallel=sp, flash_attention=True, precision="fp32")
         out[mode] = (activation_bytes_per_layer(m, lay), 2 * korthikanti16[mode])
     return out

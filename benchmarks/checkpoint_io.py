@@ -5,7 +5,7 @@ stall of an asynchronous save against a synchronous one.
 
 For each layout (dp=4 ZeRO-1/2/3, tp=2 x dp=2, tp=2 x pp=2) it trains 1 step and saves, then resumes
 the checkpoint at the same layout and at another one (dp=4 ZeRO-1 <-> tp=2 x dp=2).  Bytes come from
-the counters in megallama/checkpoint.py (``IO_BYTES``: tensor bytes written into / sliced out of
+the counters in megallama/checkpoint/ (``IO_BYTES``: tensor bytes written into / sliced out of
 checkpoint files; the sha256 pass over the files a rank opens is counted apart as "verified").
 "state/ranks" is the fp32 masters + 2 Adam moments of the whole model divided by 4; "held" is what a
 rank holds of them at the resumed layout (its TP/PP shard, divided over DP by ZeRO).
@@ -50,7 +50,8 @@ def _case(rank, world, overrides):
 
 def _held(run_dir: Path, layout: str, world: int) -> float:
     """Bytes of masters + moments one rank holds at ``layout`` (the mean over ranks)."""
-    from megallama.checkpoint import CheckpointReader, shard_specs
+    from megallama.checkpoint import CheckpointReader
+    from megallama.sharding import shard_specs
 
     reader = CheckpointReader(run_dir, verify=False)
     tp, pp, zero = LAYOUTS[layout]

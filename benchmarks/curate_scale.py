@@ -28,9 +28,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _letters(n: int) -> str:
+    out = ""
+    while n:
+        n, r = divmod(n, 26)
+        out += chr(ord("a") + r)
+    return out
+
+
 def corpus(path: Path, docs: int, base: int, per_file: int = 250) -> int:
     """A directory of ``docs`` documents, ``per_file`` to a .jsonl file (a crawl is many files; a task's
-    shard is a run of whole files): copy c of a ``base``-document corpus has " c" appended to each line,
+    shard is a run of whole files): copy c of a ``base``-document corpus has a tag (c in letters) appended to each line,
     so every copy has the same duplicate structure and no line or document repeats across copies (a 4x
     corpus is 4 corpora of the 1x corpus's nature).  Returns the input's bytes."""
     lines = []
@@ -55,7 +63,8 @@ def corpus(path: Path, docs: int, base: int, per_file: int = 250) -> int:
         with open(path / f"part-{start // per_file:05d}.jsonl", "w") as fh:
             for i in range(start, min(docs, start + per_file)):
                 copy = i // base
-                text = first[i % base] if copy == 0 else "\n".join(f"{line} {copy}" for line in first[i % base].split("\n"))
+                tag = _letters(copy)  # letters: line dedup's key maps digits to 0, so " 1" and " 2" would collide
+                text = first[i % base] if copy == 0 else "\n".join(f"{line} {tag}" for line in first[i % base].split("\n"))
                 line = json.dumps({"text": text}) + "\n"
                 fh.write(line)
                 n += len(line.encode())

@@ -27,10 +27,13 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import torch
 
-from megallama import __version__
-from megallama import checkpoint as ck
+from megallama.atomic import building, check_new_output, commit_directory, fsync_write
+from megallama.checkpoint.format import IO_BYTES, MOMENTS, copy_tokenizer, layout_record, new_meta, part_file, step_name
+from megallama.checkpoint.offline import _check_shape
+from megallama.checkpoint.reader import CheckpointReader
 from megallama.config import Config
 from megallama.errors import CheckpointError
+from megallama.sharding import ShardSpec, reshard_tensor, shard_specs, stage_assignment
 
 # torch dtype -> safetensors dtype name
 DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -99,7 +102,7 @@ class SafetensorsWriter:
         if nbytes:
             self._emit(memoryview(data.view(torch.uint8).numpy()))
         self._next += 1
-        ck.IO_BYTES["written"] += nbytes
+        IO_BYTES["written"] += nbytes
 
     def close(self) -> dict:
         try:
@@ -117,7 +120,7 @@ class SafetensorsWriter:
 
 # ----------------------------------------------------------------------------- reading
 
-class StreamingReader(ck.CheckpointReader):
+class StreamingReader(CheckpointReader):
     """A :class:`~megallama.checkpoint.CheckpointReader` that maps each file only for one read.
 
     ``safe_open`` maps a whole file and every page a read touches stays resident (counted in the
@@ -159,11 +162,11 @@ class StreamingReader(ck.CheckpointReader):
 class ReaderSource:
     """Another checkpoint's tensors (weights and, with ``moments``, Adam moments), read slice by slice."""
 
-    def __init__(self, reader: "ck.CheckpointReader", moments: bool = True):
+    def __init__(self, reader: "CheckpointReader", moments: bool = True):
         self.reader, self.names = reader, reader.names()
         self.moments = moments and reader.has_optimizer
 
-    def shard(self, name: str, key: Optional[str], spec: "ck.ShardSpec", rank: int, tp: int) -> torch.Tensor:
+    def shard(self, name: str, key: Optional[str], spec: ShardSpec, rank: int, tp: int) -> torch.Tensor:
         return self.reader.read_shard(name, key, spec, rank, tp)
 
 
@@ -177,14 +180,14 @@ class BuildSource:
         self._last = (None, None)
         self.model_cfg = None  # set by write_checkpoint_from (vocabulary rows may carry any padding)
 
-    def shard(self, name: str, key: Optional[str], spec: "ck.ShardSpec", rank: int, tp: int) -> torch.Tensor:
+    def shard(self, name: str, key: Optional[str], spec: ShardSpec, rank: int, tp: int) -> torch.Tensor:
         if self._last[0] != (name, key):
             self._last = (None, None)  # drop the previous tensor before building the next
             self._last = ((name, key), self.build(name, key).float())
         full = self._last[1]
         if key is None:
-            ck._check_shape(name, full, spec, self.model_cfg)
-        return ck.reshard_tensor(full, spec, rank, tp)
+            _check_shape(name, full, spec, self.model_cfg)
+        return reshard_tensor(full, spec, rank, tp)
 
 
 def dict_source(weights: dict, moments: Optional[dict] = None) -> BuildSource:
@@ -210,7 +213,7 @@ def write_checkpoint_from(out: str | Path, cfg: Config, source, step: int = 0, c
     if out.exists():
         raise CheckpointError(f"output '{out}' already exists; choose a new path or remove it")
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    specs = ck.shard_specs(cfg.model, tp)
+    specs = shard_specs(cfg.model, tp)
     names = set(source.names)
     missing = sorted(set(specs) - names)
     if missing:
@@ -222,9 +225,9 @@ def write_checkpoint_from(out: str | Path, cfg: Config, source, step: int = 0, c
                               f"'{extra[0]}'; the source is of another model shape")
     if isinstance(source, BuildSource):
         source.model_cfg = cfg.model
-    stage_of = ck.stage_assignment(cfg.model, pp, cfg.parallel.pipeline_partition)
-    kinds = [("model", (None,))] + ([("optim", ck.MOMENTS)] if source.moments else [])
-    with ck.building(out) as tmp:
+    stage_of = stage_assignment(cfg.model, pp, cfg.parallel.pipeline_partition)
+    kinds = [("model", (None,))] + ([("optim", MOMENTS)] if source.moments else [])
+    with building(out) as tmp:
         written = {}
         for s in range(pp):
             for kind, keys in kinds:
@@ -240,7 +243,7 @@ def write_checkpoint_from(out: str | Path, cfg: Config, source, step: int = 0, c
                             numel = int(np.prod(local, dtype=np.int64))
                             entries += [(_tensor_name(n, k), torch.float32, (numel,)) for k in keys]
                         if entries:
-                            writers[t] = SafetensorsWriter(tmp / ck.part_file(kind, t, s, 0), entries)
+                            writers[t] = SafetensorsWriter(tmp / part_file(kind, t, s, 0), entries)
                             held_of[t] = {e[0]: [0, int(e[2][0])] for e in entries}
                     for tensor in sorted({e[0] for w in writers.values() for e in w.order}):  # all fp32: by name
                         name, _, key = tensor.partition("/")
@@ -249,7 +252,7 @@ def write_checkpoint_from(out: str | Path, cfg: Config, source, step: int = 0, c
                                 w.write(tensor, source.shard(name, key or None, specs[name], t, tp)
                                         .float().reshape(-1))
                     for t, w in writers.items():
-                        file = ck.part_file(kind, t, s, 0)
+                        file = part_file(kind, t, s, 0)
                         written[(t, s, kind)] = (file, w.close(), held_of[t])
                 except BaseException:
                     for w in writers.values():
@@ -262,34 +265,27 @@ def write_checkpoint_from(out: str | Path, cfg: Config, source, step: int = 0, c
                     if (t, s, kind) in written:
                         file, info, held = written[(t, s, kind)]
                         files[file], parts[file] = info, held
-        if tokenizer_path:
-            data = Path(tokenizer_path).read_bytes()
-            ck._fsync_write(tmp / ck.TOKENIZER_FILE, data)
-            files[ck.TOKENIZER_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        meta = {"format": ck.FORMAT, "version": ck.VERSION, "megallama_version": __version__, "step": step,
-                "consumed_samples": consumed_samples,
-                "layout": {"tp": tp, "pp": pp, "dp": 1, "zero_stage": cfg.parallel.zero_stage,
-                           "sequence_parallel": cfg.parallel.sequence_parallel},
-                "precision": cfg.train.precision, "tokenizer_fingerprint": None, "loss_scale": None,
-                "lr_scheduler_last_epoch": step if source.moments else None, "optimizer_lrs": None,
-                "config": cfg.to_dict(), "stage_of": stage_of, "files": files, "parts": parts,
-                **(extra_meta or {})}
-        ck._fsync_write(tmp / "meta.json", json.dumps(meta, indent=1).encode())
-        os.replace(tmp, out)
+        copied = copy_tokenizer(tokenizer_path, tmp)
+        if copied:
+            files[copied[0]] = copied[1]
+        meta = new_meta(cfg, layout_record(cfg, tp, pp, 1), step, consumed_samples,
+                        lr_scheduler_last_epoch=step if source.moments else None, stage_of=stage_of,
+                        files=files, parts=parts)
+        meta.update(extra_meta or {})  # a tool's own record (reshard: the source's schedule and layout)
+        fsync_write(tmp / "meta.json", json.dumps(meta, indent=1).encode())
+        commit_directory(tmp, out)
     return out
 
 
 def write_run_checkpoint_from(run_dir: str | Path, cfg: Config, source, step: int = 0, consumed_samples: int = 0,
                               tokenizer_path: Optional[str] = None, extra_meta: Optional[dict] = None) -> Path:
     """:func:`megallama.checkpoint.write_run_checkpoint` (a new run directory) from a tensor source."""
-    run_dir = Path(run_dir)
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise CheckpointError(f"output '{run_dir}' already exists; choose a new path or remove it")
+    run_dir = check_new_output(run_dir)
     cfg = replace(cfg, train=replace(cfg.train, run_dir=str(run_dir)))
-    with ck.building(run_dir) as tmp:  # the whole run dir appears at once, or not at all
+    with building(run_dir) as tmp:  # the whole run dir appears at once, or not at all
         (tmp / "checkpoints").mkdir(parents=True)
-        final = write_checkpoint_from(tmp / "checkpoints" / ck.step_name(step), cfg, source, step,
+        final = write_checkpoint_from(tmp / "checkpoints" / step_name(step), cfg, source, step,
                                       consumed_samples, tokenizer_path, extra_meta)
-        ck._fsync_write(tmp / "checkpoints" / "latest", final.name.encode())
-        os.replace(tmp, run_dir)
+        fsync_write(tmp / "checkpoints" / "latest", final.name.encode())
+        commit_directory(tmp, run_dir)
     return run_dir / "checkpoints" / final.name

@@ -516,8 +516,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
                                 f"got {t.save_interval}")
     if t.eval_tasks:
         need(t.task_eval_interval > 0, "train.eval_tasks needs train.task_eval_interval > 0 (steps between evaluations)")
-        need(p.pp == 1, "train.eval_tasks needs parallel.pp=1 (tasks are scored on the whole model); "
-             "evaluate pipeline runs with `megallama eval` on their checkpoints")
+        judged = [x.partition("=")[0] for x in t.eval_tasks if x.partition("=")[0] in ("realtoxicityprompts", "truthfulqa_gen")]
+        need(not judged, f"train.eval_tasks cannot score {judged[0] if judged else ''} during training (it needs a "
+                         "second model as scorer); score the run's checkpoints with `megallama eval`")
     need(t.device_peak_flops >= 0, f"train.device_peak_flops must be >= 0 (0 = looked up or measured), "
                                    f"got {t.device_peak_flops}")
     need(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")

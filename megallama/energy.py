@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from megallama.atomic import write_text
 from megallama.hardware import detect_gpu_spec
 
 CPU_WATTS_PER_CORE = 10.0  # rough nominal figure for a server core when nothing is measurable
@@ -173,8 +174,6 @@ def write_summary(run_dir, meter: EnergyMeter, intensity_kg_per_kwh: float = 0.3
     s["world_size"] = world_size
     s["scaled_by"] = scale
     path = Path(run_dir) / "energy.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(s, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(s, indent=1) + "\n")
     return s
 

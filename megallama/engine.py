@@ -316,7 +316,7 @@ def local_part(engine, p, dp_rank: int, dp_size: int) -> tuple[int, dict]:
     None when another DP rank holds all of ``p``) -- no communication.  ZeRO-3: the full tensor is
     gathered (DeepSpeed's own partition is padded and interleaved per sub-group) and this rank's
     equal share cut from it.  No ZeRO: every rank holds all of ``p``; each writes its equal share."""
-    from megallama.checkpoint import MOMENTS, get_master, get_moment
+    from megallama.checkpoint.format import MOMENTS
 
     mapping = getattr(p, "_hp_mapping", False)
     if mapping is None:
@@ -347,3 +347,138 @@ def set_held(p, key: str | None, value: torch.Tensor) -> None:
     """Copy ``value`` (the :func:`held_range` of the master, or of moment ``key``) into the partition."""
     fragment = p._hp_mapping.get_hp_fragment(key)
     fragment.data.copy_(value.to(fragment.device).view_as(fragment))
+
+
+def zero3_partition(p) -> tuple[int, int, int] | None:
+    """ZeRO-3: (flat start, numel, partition size) of the range of ``p``'s TP shard whose fp32 master and
+    moments this rank's partition holds (the last rank's partition is padded past the tensor's end);
+    None when ``p`` is not ZeRO-3 partitioned."""
+    opt = getattr(p, "_z3_optimizer", None)
+    if opt is None or not hasattr(p, "ds_tensor"):
+        return None
+    part = p.ds_tensor.numel()
+    start = min(opt._get_param_partition_rank(p) * part, p.ds_numel)
+    return start, min(part, p.ds_numel - start), part
+
+
+def set_zero3_partition(p, key: str | None, value: torch.Tensor, size: int) -> None:
+    """Set this rank's ZeRO-3 partition of the master (``key`` None) or of moment ``key`` from the flat
+    range :func:`zero3_partition` names (zero-padded to the partition's size)."""
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+    flat = torch.zeros(size, dtype=torch.float32)
+    flat[:value.numel()] = value.reshape(-1)
+    if key is None:
+        safe_set_local_fp32_param(p, flat)
+    else:
+        safe_set_local_optimizer_state(p, flat, key)
+
+
+# --- optimizer state (DeepSpeed internals) ---
+
+def _has_master(p) -> bool:
+    """Does DeepSpeed keep this parameter's fp32 master (and Adam state) in its own partitions?"""
+    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")  # a None mapping: another DP rank holds it
+
+
+def _base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch AdamW under DeepSpeed's ZeRO / bf16 wrappers."""
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer):
+        opt = opt.optimizer
+    return opt
+
+
+def init_optimizer_state(engine) -> None:
+    """Create AdamW's (zero) state before the first step, so a checkpoint can be loaded into it.
+
+    torch creates ``step``/``exp_avg``/``exp_avg_sq`` lazily at the first step; we create them
+    the way ``torch.optim.AdamW`` does, then let DeepSpeed link its fragments to them.
+    """
+    opt = _base_optimizer(engine)
+    for group, params in _optimizer_params(engine, opt):
+        on_device = group.get("fused") or group.get("capturable")
+        for p in params:
+            if opt.state.get(p):
+                continue
+            opt.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
+                            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+    link_optimizer_state(engine)
+
+
+def _optimizer_params(engine, opt) -> list:
+    """(param group, the tensors AdamW steps) pairs.
+
+    ZeRO-3 keeps its param groups *empty* between steps and puts each group's flat fp32
+    partition in only while stepping it, so its state must be keyed on those flat tensors.
+    """
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    if flats is not None:
+        group_of = getattr(engine.optimizer, "sub_group_to_group_id", {})
+        return [(opt.param_groups[group_of.get(i, i)], [flat]) for i, flat in enumerate(flats)]
+    return [(group, group["params"]) for group in opt.param_groups]
+
+
+def link_optimizer_state(engine) -> None:
+    """(Re)link DeepSpeed's per-parameter views of the Adam moments.
+
+    DeepSpeed (0.19) links them right after stepping the *first* parameter group, before
+    the other groups' states exist, and never again: parameters of later groups (here the
+    no-weight-decay norms) would have no moments to read or write.  Relinking is cheap.
+    """
+    opt = engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
+def get_master(engine, p) -> torch.Tensor:
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return (safe_get_full_fp32_param(p) if _has_master(p) else p.detach()).float().cpu()
+
+
+def get_moment(engine, p, key: str) -> torch.Tensor:
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    value = safe_get_full_optimizer_state(p, key) if _has_master(p) else _base_optimizer(engine).state[p][key]
+    return value.float().cpu()
+
+
+def set_master(engine, p, value: torch.Tensor) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    value = value.to(p.device)
+    if _has_master(p):
+        safe_set_full_fp32_param(p, value)
+        return  # the model's copy is refreshed from the masters by _refresh_low_precision
+    with torch.no_grad():
+        p.copy_(value.to(p.dtype))
+
+
+def set_moment(engine, p, key: str, value: torch.Tensor) -> None:
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    value = value.to(p.device)
+    if _has_master(p):
+        safe_set_full_optimizer_state(p, value, key)
+    else:
+        _base_optimizer(engine).state[p][key].copy_(value)
+
+
+def set_optimizer_step(engine, step: int) -> None:
+    opt = _base_optimizer(engine)
+    for state in opt.state.values():
+        if "step" in state:
+            state["step"] = torch.full_like(state["step"], float(step)) if torch.is_tensor(state["step"]) else step
+
+
+def _refresh_low_precision(engine) -> None:
+    """Copy fp32 masters into the model's low-precision (or ZeRO-3 partitioned) parameters."""
+    opt = engine.optimizer
+    if hasattr(opt, "update_lp_params"):  # ZeRO-1/2 and the bf16 optimizer: copy and all-gather over DP
+        opt.update_lp_params()
+    elif engine.zero_optimization_stage() == 3:
+        for i in range(len(opt.fp16_partitioned_groups_flat)):
+            opt._reassign_or_swap_out_partitioned_parameters(i)

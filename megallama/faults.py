@@ -24,11 +24,14 @@
   cannot grow past 64 KiB: checkpoint writes fail with EFBIG as on a full disk, while
   heartbeats and logs still fit), or ``kill-during-save`` (SIGKILL the process inside the
   checkpoint save of that step, after every file is written and before ``meta.json`` and the
-  renames: the worst moment for atomicity; :func:`fault_point`).
+  renames: the worst moment for atomicity; :func:`fault_point`), or ``latestfull`` (the write of
+  ``checkpoints/latest`` at that step's save fails with ENOSPC, as a disk that fills up between a
+  checkpoint and its pointer; :func:`write_fault`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -43,13 +46,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megallama.atomic import write_text
 from megallama.errors import UserError, say
 from megallama.process import pid_alive
 
 STARTED = time.time()  # this process's start (about): older heartbeats are an earlier session's
 EXIT_HALTED = 3  # stopped on purpose (too many bad steps); distinct from crashes (1) and bad input (2)
 FAULT_ENV = "MEGALLAMA_FAULT"
-FAULT_KINDS = ("nan", "die", "hang", "diskfull", "kill-during-save")
+FAULT_KINDS = ("nan", "die", "hang", "diskfull", "kill-during-save", "latestfull")
 
 
 class FaultSpecError(UserError, ValueError):
@@ -117,6 +121,15 @@ def fault_point(name: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def write_fault(name: str, step: int) -> None:
+    """Raise ENOSPC if ``MEGALLAMA_FAULT`` names ``latestfull@step`` (``name`` "latest") for this rank."""
+    if not os.environ.get(FAULT_ENV):
+        return
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if name == "latest" and Faults.from_env(rank).at.get(step) == "latestfull":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 # ----------------------------------------------------------------------------- heartbeat and monitor
 
 class Heartbeat:
@@ -133,9 +146,8 @@ class Heartbeat:
         self.path = self.dir / f"rank-{rank:05d}.json"
 
     def beat(self, step: int) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dict(rank=self.rank, host=self.host, pid=self.pid, step=step, time=time.time())))
-        os.replace(tmp, self.path)
+        write_text(self.path, json.dumps(dict(rank=self.rank, host=self.host, pid=self.pid, step=step,
+                                              time=time.time())))
 
     def others(self) -> bool:
         """Whether any other rank has written a heartbeat."""

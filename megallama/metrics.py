@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from megallama.atomic import write_text
 from megallama.config import Config
 
 
@@ -210,10 +210,9 @@ class RunLog:
             return
         import yaml
 
-        tmp = self.run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(json_safe(dict(summary.__dict__)), indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, self.run_dir / "summary.json")
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        write_text(self.run_dir / "summary.json",
+                   json.dumps(json_safe(dict(summary.__dict__)), indent=2, allow_nan=False) + "\n")
+        write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         self.lines.close()
         if self.writer is not None:
             self.writer.close()
@@ -222,20 +221,19 @@ class RunLog:
 def _metrics_log(path: Path, start_step: int):
     """``metrics.jsonl`` opened for appending, without the lines of steps after ``start_step``: a
     resume replays them, and each step keeps one line (a torn last line of a killed run goes too)."""
-    if path.is_file():
-        text, kept = path.read_text(), []
+    if path.is_file():  # junk (not UTF-8, not a step's JSON object) is dropped with the replayed steps
+        text, kept = path.read_bytes().decode("utf-8", "replace"), []
         lines = text.splitlines()
         for line in lines:
             try:
-                if json.loads(line)["step"] <= start_step:
+                step = json.loads(line)["step"]
+                if isinstance(step, int) and not isinstance(step, bool) and step <= start_step:
                     kept.append(line + "\n")
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, IndexError):
                 continue
         if len(kept) == len(lines) and text.endswith("\n"):
             return open(path, "a")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        write_text(path, "".join(kept))
     return open(path, "a")
 
 

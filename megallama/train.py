@@ -180,7 +180,8 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
             return
         consumed = start_consumed + (step - start_step) * t.global_batch_size
         background = t.async_save and not wait  # the last save, and one on a signal, commit before exit
-        path = save_checkpoint(engine, params, cfg, ctx, step, consumed, tokenizer, asynchronous=background)
+        path = save_checkpoint(engine, params, cfg, ctx, step, consumed, tokenizer, asynchronous=background,
+                               anchor=(start_step, start_consumed))
         if rank0:
             print(f"{'saving' if background else 'saved'} checkpoint {path}"
                   f"{' in the background' if background else ''}", flush=True)
@@ -221,7 +222,7 @@ def train(cfg: Config, data=None) -> Optional[Summary]:
         if tasks and (step + 1) % t.task_eval_interval == 0:
             from megallama.eval.harness import evaluate_during_training
 
-            evaluate_during_training(engine.module, cfg.model, data.tokenizer, tasks, task_opts, log.writer, step + 1)
+            evaluate_during_training(engine.module, cfg.model, data.tokenizer, tasks, task_opts, log.writer, step + 1, ctx)
         if step + 1 < total_steps and stop.agreed():
             save(step + 1, wait=True)
             if rank0:

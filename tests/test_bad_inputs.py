@@ -168,7 +168,19 @@ def test_bad_fault_spec_is_one_line_exit_2_before_any_process_group(tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1, err
     assert err[0] == ("megallama train: error: MEGALLAMA_FAULT: bad item 'boom@2'; "
-                      "expected nan|die|hang|diskfull|kill-during-save@STEP[:RANK]"), err[0]
+                      "expected nan|die|hang|diskfull|kill-during-save|latestfull@STEP[:RANK]"), err[0]
+    assert not run_dir.exists() and not dist.is_initialized()
+
+
+def test_a_model_that_cannot_fit_a_rank_is_one_line_before_anything(tmp_path, capsys, monkeypatch):
+    """65B on one CPU process: the fp32 masters alone (243 GiB) exceed the host's memory; refused
+    before any process group or file, not an allocation failure minutes later."""
+    monkeypatch.setattr("megallama.preflight.memory_per_rank", lambda: (64 * 2 ** 30, "this host's available memory"))
+    run_dir = tmp_path / "run"
+    status = main(["train", "--preset", "llama-65b", "--set", f"train.run_dir={run_dir}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    assert "fp32 master weights alone need 243.2 GiB" in err[0] and "is 64.0 GiB" in err[0] and "megallama plan" in err[0], err
     assert not run_dir.exists() and not dist.is_initialized()
 
 

@@ -161,9 +161,61 @@ def _damage_meta(ckpt):
     return "corrupt", "meta.json"
 
 
+def _edit_meta(ckpt, edit):
+    meta = json.loads((ckpt / "meta.json").read_text())
+    edit(meta)
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+
+
+def _damage_tokenizer(ckpt):
+    """A swapped tokenizer silently changed eval perplexity (207 -> 260) and shipped with export-hf."""
+    f = ckpt / "tokenizer.model"
+    f.write_bytes(f.read_bytes()[:-1] + b"x")
+    return "does not match the sha256", "tokenizer.model"
+
+
+def _damage_no_optimizer(ckpt):
+    """Removing the optimizer from meta.json used to turn the resume into a fresh start over step_8."""
+    def edit(meta):
+        for table in (meta["files"], meta["parts"]):
+            for name in [n for n in table if n.startswith("optim_")]:
+                del table[name]
+    _edit_meta(ckpt, edit)
+    return "not covered by meta.json", "optim_tp00_pp00_dp000.safetensors"
+
+
+def _damage_step(ckpt):
+    _edit_meta(ckpt, lambda meta: meta.update(step=7))
+    return "says step 7 but its directory is", "step_00000008"
+
+
+def _damage_consumed(ckpt):
+    _edit_meta(ckpt, lambda meta: meta.update(consumed_samples=60))
+    return "consumed_samples=60", "global batch 8"
+
+
+def _damage_files_entry(ckpt):
+    _edit_meta(ckpt, lambda meta: meta["files"].update({"tokenizer.model": "abc"}))
+    return "malformed files entry", "tokenizer.model"
+
+
+def _damage_latest_elsewhere(ckpt):
+    (ckpt.parent / "latest").write_text("../../other/checkpoints/step_00000008")
+    return "not a step_N directory of this run", "latest"
+
+
+def _damage_latest_binary(ckpt):
+    (ckpt.parent / "latest").write_bytes(b"\xff\xfe\x00step")
+    return "binary data", "latest"
+
+
 @pytest.mark.parametrize("damage", [pytest.param(_damage_truncate, marks=pytest.mark.slow),
-                                    pytest.param(_damage_flip, marks=pytest.mark.slow), _damage_missing, _damage_meta],
-                         ids=["truncated", "bitflip", "missing-shard", "corrupt-meta"])
+                                    pytest.param(_damage_flip, marks=pytest.mark.slow), _damage_missing, _damage_meta,
+                                    _damage_tokenizer, _damage_no_optimizer, _damage_step, _damage_consumed,
+                                    _damage_files_entry, _damage_latest_elsewhere, _damage_latest_binary],
+                         ids=["truncated", "bitflip", "missing-shard", "corrupt-meta", "swapped-tokenizer",
+                              "optimizer-dropped-from-meta", "edited-step", "edited-consumed-samples",
+                              "files-entry-not-a-record", "latest-outside-the-run", "binary-latest"])
 def test_damaged_checkpoint_is_a_one_line_error(reference, tmp_path, damage):
     run_dir = tmp_path / "run"
     shutil.copytree(reference[0], run_dir)
@@ -174,6 +226,45 @@ def test_damaged_checkpoint_is_a_one_line_error(reference, tmp_path, damage):
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("megallama train: error:") and expect in line and name in line, r.stderr[-2000:]
     assert snapshot(run_dir) == before
+
+
+def test_disk_full_at_the_latest_pointer_keeps_the_previous_and_resumes(tmp_path):
+    """ENOSPC writing ``latest`` (the disk filled between a checkpoint and its pointer): one line,
+    exit 2, ``latest`` still names the previous checkpoint, no temporary file; the same command then
+    resumes from it."""
+    run_dir = tmp_path / "run"
+    r = megallama(*train_args(run_dir, "train.steps=4", "train.save_interval=2"), MEGALLAMA_FAULT="latestfull@4")
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert "writing" in line and "latest" in line and "still names the previous one" in line, r.stderr[-2000:]
+    root = run_dir / "checkpoints"
+    assert (root / "latest").read_text() == "step_00000002"
+    assert not [p for p in root.iterdir() if p.name.endswith(".tmp")], list(root.iterdir())
+    r = megallama(*train_args(run_dir, "train.steps=4", "train.save_interval=2"))
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
+    assert (root / "latest").read_text() == "step_00000004"
+
+
+def test_disk_full_when_resuming_is_one_line(reference, tmp_path):
+    """A full disk (here a 1000-byte file-size limit once the imports are done) while a resumed run
+    writes its logs: one line and exit 2, no traceback (TensorBoard's writer thread included), the
+    checkpoints untouched."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference[0], run_dir)
+    before = {k: v for k, v in snapshot(run_dir / "checkpoints").items()}
+    code = ("import resource, signal, sys, tempfile; import deepspeed; from megallama import cli\n"
+            "tempfile.gettempdir(); signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))\n"
+            "sys.exit(cli.main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, *train_args(run_dir, "train.steps=10", "train.save_interval=2",
+                                                                "train.tensorboard=true")],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("megallama train: error:") and ("free space, then run the same command" in last or
+                                                            "the previous checkpoint is kept" in last), last
+    assert snapshot(run_dir / "checkpoints") == before
 
 
 @pytest.mark.parametrize("override,expect", [

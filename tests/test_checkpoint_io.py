@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from megallama import checkpoint as C
+from megallama import sharding as S
 from megallama.config import preset_config
 from megallama.errors import CheckpointError
 
@@ -21,7 +22,7 @@ def ckpt(tmp_path_factory):
     """A tp=2 x pp=2 checkpoint of the tiny model with random weights and moments."""
     cfg = _cfg(2, 2)
     g = torch.Generator().manual_seed(0)
-    specs = C.shard_specs(cfg.model, 1)
+    specs = S.shard_specs(cfg.model, 1)
     weights = {n: torch.randn(s.shape, generator=g) for n, s in specs.items()}
     moments = {f"{n}/{k}": torch.randn(s.shape, generator=g) for n, s in specs.items() for k in C.MOMENTS}
     out = C.write_checkpoint(tmp_path_factory.mktemp("io") / "ck", cfg, weights, moments)
@@ -32,11 +33,11 @@ def ckpt(tmp_path_factory):
 def test_slice_reads_equal_the_shards_of_the_full_tensor_and_read_only_their_bytes(ckpt, tp):
     path, weights, moments = ckpt
     reader = C.CheckpointReader(path)
-    specs = C.shard_specs(reader.config.model, tp)
+    specs = S.shard_specs(reader.config.model, tp)
     for rank in range(tp):
         for name in reader.names():
             for key in (None, *C.MOMENTS):
-                want = C.reshard_tensor(reader.full(name, key), specs[name], rank, tp)
+                want = S.reshard_tensor(reader.full(name, key), specs[name], rank, tp)
                 before = C.IO_BYTES["read"]
                 got = reader.read_shard(name, key, specs[name], rank, tp)
                 read = C.IO_BYTES["read"] - before
@@ -46,10 +47,10 @@ def test_slice_reads_equal_the_shards_of_the_full_tensor_and_read_only_their_byt
     # a ZeRO partition's flat range of a rank's shard: only the rows that contain it are read
     g = torch.Generator().manual_seed(tp)
     for name in reader.names():
-        want = C.reshard_tensor(reader.full(name, "exp_avg"), specs[name], tp - 1, tp).reshape(-1)
+        want = S.reshard_tensor(reader.full(name, "exp_avg"), specs[name], tp - 1, tp).reshape(-1)
         start = int(torch.randint(0, want.numel() - 1, (1,), generator=g))
         numel = int(torch.randint(1, want.numel() - start + 1, (1,), generator=g))
-        row = want.numel() // C.reshard_tensor(reader.full(name), specs[name], 0, tp).shape[0]
+        row = want.numel() // S.reshard_tensor(reader.full(name), specs[name], 0, tp).shape[0]
         before = C.IO_BYTES["read"]
         got = reader.read_flat(name, "exp_avg", specs[name], tp - 1, tp, start, numel)
         assert torch.equal(got, want[start:start + numel]), name
@@ -105,14 +106,14 @@ def test_reads_version_1_checkpoints(ckpt, tmp_path):
     for t in range(src.tp):
         for s in range(src.pp):
             for kind, keys in (("model", [None]), ("optim", list(C.MOMENTS))):
-                tensors = {(n if k is None else f"{n}/{k}"): C.reshard_tensor(src.full(n, k), src.specs[n], t, src.tp)
+                tensors = {(n if k is None else f"{n}/{k}"): S.reshard_tensor(src.full(n, k), src.specs[n], t, src.tp)
                            for n in src.names() if src.stage_of[n] == s for k in keys}
                 save_file(tensors, out / C.shard_file(kind, t, s))
                 data = (out / C.shard_file(kind, t, s)).read_bytes()
                 meta["files"][C.shard_file(kind, t, s)] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (out / "meta.json").write_text(json.dumps(meta))
     old = C.CheckpointReader(out)
-    specs = C.shard_specs(src.config.model, 4)
+    specs = S.shard_specs(src.config.model, 4)
     for n in src.names():
         for k in (None, *C.MOMENTS):
             assert torch.equal(old.full(n, k), src.full(n, k))
@@ -133,16 +134,18 @@ def _train(rank, world, overrides, run_dir):
 
 
 @pytest.mark.slow
-def test_dp2_zero2_parts_resume_bitwise_reading_only_what_each_rank_holds(tmp_path):
-    """dp=2 ZeRO-2 (async saves): each rank writes half the state, and a resume at the same layout
-    reads about half (its partition) and continues bit for bit."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_dp2_zero_parts_resume_bitwise_reading_only_what_each_rank_holds(tmp_path, stage):
+    """dp=2 ZeRO-2 and ZeRO-3 (async saves): each rank writes half the state, and a resume at the same
+    layout reads about half (its partition; ZeRO-3 used to read the whole shard) and continues bit for
+    bit."""
     import json
     import shutil
 
     from tests.distributed import run_ranks
 
     run = tmp_path / "run"
-    zero2 = ["parallel.zero_stage=2", "train.micro_batch_size=4"]
+    zero2 = [f"parallel.zero_stage={stage}", "train.micro_batch_size=4"]
     out = run_ranks(_train, 2, zero2 + ["train.save_interval=2", "train.async_save=true"], str(run), timeout=240)
     losses = out[0][0]
     ckpt = run / "checkpoints" / "step_00000002"

@@ -233,3 +233,17 @@ def test_tasks_sharing_a_name_keep_distinct_keys_in_results(lm, tmp_path):
     saved = json.loads(out.read_text())["results"]
     assert list(saved) == keys and saved["choice:other.jsonl"]["n"] == 1
     assert saved["choice:generic_choice.jsonl"] == saved["choice:generic_choice.jsonl#2"]
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_one_line(ckpt, tmp_path):
+    """A tokenizer of another model (more pieces than the embedding has rows) next to the weights used
+    to fail as an index error in the first forward of eval/generate."""
+    import shutil
+
+    other = build_tiny_checkpoint(str(tmp_path / "other"), vocab_size=640, n_layers=1)
+    model_dir = tmp_path / "model"
+    shutil.copytree(ckpt, model_dir)
+    shutil.copy(os.path.join(other, "tokenizer.model"), model_dir / "tokenizer.model")
+    r = cli("generate", "--checkpoint", str(model_dir), "--prompt", "x = 1", "--max-new-tokens", "2")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "has 640 pieces but the model" in r.stderr and "vocabulary of 512" in r.stderr, r.stderr

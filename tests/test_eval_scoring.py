@@ -193,6 +193,35 @@ def test_generation_prompts_and_scored_contexts_are_cut_by_one_rule(lm):
     assert window[0] == lm.tokenizer.bos_id
 
 
+def test_shared_or_flat_is_chosen_per_question_by_rule(lm):
+    """By default a question shares its context only when the saved tokens reach the break-even
+    (150 tokens at width 64, falling as sqrt(64 / width)); the scores do not depend on the path."""
+    from megallama.eval.scoring import share_pays
+
+    assert not share_pays(4, 49, 64) and share_pays(4, 50, 64)  # 3 * 50 = 150 saved tokens
+    assert not share_pays(2, 149, 64) and share_pays(2, 150, 64) and not share_pays(1, 10_000, 64)
+    assert share_pays(2, 75, 256) and not share_pays(2, 74, 256)  # 150 * sqrt(64/256) = 75
+    assert share_pays(2, 150, 0) and not share_pays(2, 149, 0)  # unknown width counts as 64
+
+    class Counting(type(lm)):
+        cached_calls = 0
+
+        def logits_cached(self, tokens, start_pos, cache):
+            Counting.cached_calls += 1
+            return super().logits_cached(tokens, start_pos, cache)
+
+    counting = Counting(lm.model, lm.tokenizer)
+    assert counting.width == 64
+    short = [Request("The capital of France is", x) for x in (" Paris", " Rome")]
+    long = [Request("word " * 100, x) for x in (" a", " b c", " d")]
+    assert [s.logprob for s in loglikelihoods(counting, short)] == \
+        pytest.approx([reference_logprob(lm, r.context, r.continuation) for r in short], abs=1e-4)
+    assert Counting.cached_calls == 0  # a few saved tokens: one flat row per choice
+    assert [s.logprob for s in loglikelihoods(counting, long)] == \
+        pytest.approx([reference_logprob(lm, r.context, r.continuation) for r in long], abs=1e-4)
+    assert Counting.cached_calls == 2  # 2 * ~100 saved tokens: the context once, then the choices
+
+
 def test_crows_pairs_percentage_per_category(lm):
     spec = TaskSpec("crows_pairs", os.path.join(FIX, "crows_pairs_anonymized.csv"))
     result = harness.evaluate_task(lm, spec, EvalOptions())

@@ -135,3 +135,21 @@ def test_a_bad_world_size_variable_is_one_line_exit_2(tmp_path, value):
                         f"train.run_dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
     assert "WORLD_SIZE=" in r.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("script,status,says", [
+    ("sys.exit(75)", 75, "2 rank(s) checkpointed and stopped (status 75"),
+    ("sys.exit(3 if os.environ['RANK'] == '1' else 0)", 3, "rank 1 failed first (exit status 3)"),
+], ids=["preempted", "halted"])
+def test_megallama_launch_exits_with_the_ranks_status(tmp_path, script, status, says):
+    """torchrun turns a rank's status 75 ("checkpointed on a preemption signal: run again") into 1 and
+    a traceback; ``python -m megallama.launch`` (torchrun's arguments) exits with it, in one line."""
+    import subprocess
+
+    (tmp_path / "rank.py").write_text(f"import os, sys\n{script}\n")
+    r = subprocess.run([sys.executable, "-m", "megallama.launch", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), str(tmp_path / "rank.py")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == status, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("megallama.launch: ") and says in last, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]

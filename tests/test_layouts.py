@@ -70,7 +70,7 @@ def _assert_two_ranks_match_one(model, layout, tmp_path):
 
 def test_stages_balanced_by_flops_differ_from_parameters():
     """The demo's embedding is 1M parameters but no matmul: by FLOPs stage 0 takes one block more."""
-    from megallama.checkpoint import stage_assignment
+    from megallama.sharding import stage_assignment
     from megallama.config import preset_config
 
     cfg = preset_config("demo").model

@@ -7,15 +7,15 @@ from dataclasses import replace
 
 import pytest
 
-from megallama.config import preset_config
+from megallama.config import load_config, preset_config
 from megallama.errors import ConfigError, UserError
 from megallama.hardware import GiB, gpu_spec, load_gpu_specs
 from tools.planner import (Layout, activation_bytes_per_layer, calibrated_efficiency, layer_params,
                            model_state_bytes, plan, search, step_time)
 
 A100 = gpu_spec("A100-80GB")
-PAPER_65B = Layout(gpus=2048, tp=8, pp=4, zero_stage=1, micro_batch=1, seq_len=2048, global_batch=2048,
-                   checkpointing="selective", sequence_parallel=True)
+PAPER_65B = Layout(gpus=2048, tp=8, pp=4, zero_stage=1, micro_batch_size=1, seq_len=2048, global_batch_size=2048,
+                   activation_checkpointing="selective", sequence_parallel=True)
 
 
 def megallama(*args):
@@ -42,8 +42,8 @@ def test_tokens_per_second_and_days_are_consistent():
 def test_a_config_with_train_steps_is_planned_for_its_steps():
     """train.steps wins over train.tokens in training, so it does in the planner (the demo trains 200 steps)."""
     cfg = preset_config("demo")
-    lay = Layout(gpus=1, tp=1, pp=1, zero_stage=1, micro_batch=8, seq_len=256, global_batch=16,
-                 checkpointing="none", sequence_parallel=False, precision="fp32")
+    lay = Layout(gpus=1, tp=1, pp=1, zero_stage=1, micro_batch_size=8, seq_len=256, global_batch_size=16,
+                 activation_checkpointing="none", sequence_parallel=False, precision="fp32")
     est = plan(cfg, lay, A100)
     assert est.days == pytest.approx(200 * 16 * 256 / est.tokens_per_sec_per_gpu / 86400)
     assert cfg.train.total_tokens() == 200 * 16 * 256
@@ -95,25 +95,25 @@ def test_activation_formulas_llama_block():
     """The SwiGLU re-derivation of Korthikanti et al. 2022, evaluated by hand for 65B (f = 22016)."""
     m = preset_config("llama-65b").model
     s, b, h, a, f, t = 2048, 1, 8192, 64, 22016, 8
-    lay = replace(PAPER_65B, micro_batch=b)
+    lay = replace(PAPER_65B, micro_batch_size=b)
     sbh = s * b * h
     lse = 4 * a * s * b
-    assert lay.checkpointing == "selective"
+    assert lay.activation_checkpointing == "selective"
     assert activation_bytes_per_layer(m, lay) == pytest.approx((14 * sbh + 4 * s * b * f + lse) / t)
     no_sp = replace(lay, sequence_parallel=False)
     assert activation_bytes_per_layer(m, no_sp) == pytest.approx(6 * sbh + (8 * sbh + 4 * s * b * f + lse) / t)
-    kept = replace(lay, checkpointing="none")  # 8sbh + rotated q, k and v 6sbh + attention output 2sbh
+    kept = replace(lay, activation_checkpointing="none")  # 8sbh + rotated q, k and v 6sbh + attention output 2sbh
     assert activation_bytes_per_layer(m, kept) == pytest.approx((16 * sbh + 6 * s * b * f + lse) / t)
     no_sp = replace(kept, sequence_parallel=False)
     assert activation_bytes_per_layer(m, no_sp) == pytest.approx(8 * sbh + (8 * sbh + 6 * s * b * f + lse) / t)
-    eager = replace(lay, flash_attention=False, checkpointing="none")
+    eager = replace(lay, flash_attention=False, activation_checkpointing="none")
     assert activation_bytes_per_layer(m, eager) == pytest.approx((16 * sbh + 6 * s * b * f + 2 * a * s * s * b) / t)
     # selective keeps the block input, the 4 linears' and the attention's outputs (no s^2 term)
-    selective = replace(eager, checkpointing="selective")
+    selective = replace(eager, activation_checkpointing="selective")
     assert activation_bytes_per_layer(m, selective) == pytest.approx((14 * sbh + 4 * s * b * f) / t)
     assert activation_bytes_per_layer(m, replace(selective, sequence_parallel=False)) == pytest.approx(
         6 * sbh + (8 * sbh + 4 * s * b * f) / t)
-    assert activation_bytes_per_layer(m, replace(lay, checkpointing="full")) == pytest.approx(2 * sbh / t)
+    assert activation_bytes_per_layer(m, replace(lay, activation_checkpointing="full")) == pytest.approx(2 * sbh / t)
 
 
 def test_gqa_shrinks_kv_activations():
@@ -138,7 +138,7 @@ def test_calibration_round_trip():
 
 def test_memory_fit_and_search():
     cfg = preset_config("llama-65b")
-    assert not plan(cfg, Layout(gpus=8, global_batch=64, zero_stage=1), A100).fits
+    assert not plan(cfg, Layout(gpus=8, global_batch_size=64, zero_stage=1), A100).fits
     found = search(cfg, 512, A100, replace(PAPER_65B, gpus=512))
     assert found and all(e.fits and e.memory_gib_per_gpu * GiB <= A100.memory_bytes for e in found)
     speeds = [e.tokens_per_sec_per_gpu for e in found]
@@ -149,17 +149,17 @@ def test_memory_fit_and_search():
 def test_search_pins_the_layout_flags_given():
     """--tp/--pp/--zero/... with --search pin those choices (they were silently ignored)."""
     r = megallama("plan", "--preset", "llama-65b", "--gpus", "512", "--gpu", "A100-80GB", "--search", "--tp", "8",
-                  "--zero", "1", "--checkpointing", "full", "--top", "1000", "--json")
+                  "--zero", "1", "--activation-checkpointing", "full", "--top", "1000", "--json")
     assert r.returncode == 0, r.stderr
     found = json.loads(r.stdout)
     assert found and all(e["layout"]["tp"] == 8 and e["layout"]["zero_stage"] == 1
-                         and e["layout"]["checkpointing"] == "full" for e in found), found[:2]
+                         and e["layout"]["activation_checkpointing"] == "full" for e in found), found[:2]
     assert len({e["layout"]["pp"] for e in found}) > 1  # the rest is still searched
     r = megallama("plan", "--preset", "llama-65b", "--gpus", "512", "--gpu", "A100-80GB", "--search", "--tp", "8",
-                  "--no-sequence-parallel", "--checkpointing", "none", "--top", "1000", "--json")
+                  "--no-sequence-parallel", "--activation-checkpointing", "none", "--top", "1000", "--json")
     assert r.returncode == 0, r.stderr
     unpinned = json.loads(r.stdout)
-    assert unpinned and all(not e["layout"]["sequence_parallel"] and e["layout"]["checkpointing"] == "none"
+    assert unpinned and all(not e["layout"]["sequence_parallel"] and e["layout"]["activation_checkpointing"] == "none"
                             for e in unpinned)
 
 
@@ -217,7 +217,7 @@ def test_calibrate_from_a_measured_run(tmp_path):
     import yaml
 
     run_cfg = preset_config("llama-1b")
-    run_lay = Layout(gpus=8, tp=1, pp=1, zero_stage=1, micro_batch=4, seq_len=2048, global_batch=512,
+    run_lay = Layout(gpus=8, tp=1, pp=1, zero_stage=1, micro_batch_size=4, seq_len=2048, global_batch_size=512,
                      sequence_parallel=False)
     measured = step_time(run_cfg.model, run_lay, A100, 0.5)["total"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(run_cfg.to_dict()))
@@ -355,3 +355,20 @@ def test_no_layout_flags_show_the_best_layout_that_fits():
     text = megallama(*args[:-1], "--fs-bandwidth", "50")
     assert text.returncode == 0 and "the best layout that fits" in text.stdout.splitlines()[0], text.stderr
     assert "at 50 GB/s: write 15.7 s" in text.stdout
+
+
+def test_layout_is_the_configs_fields():
+    """The planner's Layout carries the training config's own names; from_config then apply is the
+    identity on a config (one mapping, no restated names), and overrides win over the config."""
+    import dataclasses
+
+    cfg = load_config(None, ["parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=2",
+                             "train.activation_checkpointing=full", "parallel.pipeline_partition=flops"], preset="llama-7b")
+    lay = Layout.from_config(cfg, 16)
+    assert (lay.tp, lay.pp, lay.micro_batch_size, lay.activation_checkpointing, lay.pipeline_partition) == \
+           (2, 2, 2, "full", "flops")
+    names = {f.name for f in dataclasses.fields(Layout)} - {"gpus", "flash_attention"}
+    config_names = {f.name for section in (cfg.parallel, cfg.train) for f in dataclasses.fields(section)}
+    assert names <= config_names, names - config_names
+    assert lay.apply(cfg) == cfg
+    assert Layout.from_config(cfg, 16, tp=4, micro_batch_size=None).tp == 4

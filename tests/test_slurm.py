@@ -177,8 +177,6 @@ def _rank0_log(logs: Path) -> str:
     ("train_deepspeed.sbatch", TWO_TASKS, {}),
 ])
 def test_preemption_checkpoints_requeues_and_resumes(slurm, tmp_path, script, options, extra):
-    if not (ROOT / "megallama" / "checkpoint.py").exists():
-        pytest.skip("checkpoint save/resume (megallama/checkpoint.py) is not in this checkout yet")
     logs = tmp_path / "logs"
     steps = 100
     job = _submit(slurm, script, options, train_args(tmp_path / "run", steps=steps), logs, **extra)
@@ -222,3 +220,34 @@ def test_curate_array_chain_keeps_what_one_process_keeps(slurm, tmp_path):
     info = slurm.wait(f"{r.stdout.strip()}_0", 240)
     assert info["JobState"] == "COMPLETED", _logs(logs)
     assert out.read_bytes() == expected
+
+
+def test_preprocess_array_shards_are_the_one_process_dataset(slurm, tmp_path):
+    """slurm/preprocess_array.sbatch over a 3-task array: shard I per task; read back as one source,
+    the shards are the one-process dataset, document for document."""
+    import json
+
+    from megallama.data.indexed import open_dataset
+    from megallama.data.preprocess import preprocess
+    from megallama.data.tokenizer import train_tokenizer
+    from tests.test_preprocess_shards import STDLIB, assert_same_dataset
+
+    texts = [p.read_text(encoding="utf-8") for p in sorted((STDLIB / "json").glob("*.py"))]
+    tok = train_tokenizer(texts, 600, str(tmp_path / "tok"), sample_mb=1.0)
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"part-{i}.jsonl")
+        files[-1].write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[i::3]))
+    preprocess([str(f) for f in files], str(tok), str(tmp_path / "one"))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    job = slurm.sbatch(str(ROOT / "slurm" / "preprocess_array.sbatch"),
+                       ["--array=0-2", f"--chdir={ROOT}", f"--output={logs}/%x-%A_%a.out"],
+                       ["--input", *map(str, files), "--tokenizer", str(tok), "--output-prefix", str(tmp_path / "web"),
+                        "--shards", "3"], env=env(MEGALLAMA_PYTHON=sys.executable, MEGALLAMA_LOG_DIR=str(logs)))
+    deadline = time.monotonic() + 180
+    while not all(r["JobState"] in DONE for r in _records(slurm, job)) or len(_records(slurm, job)) < 3:
+        assert time.monotonic() < deadline, f"{_records(slurm, job)}\n{_logs(logs)}"
+        time.sleep(0.5)
+    assert all(r["JobState"] == "COMPLETED" for r in _records(slurm, job)), _logs(logs)
+    assert_same_dataset(open_dataset(str(tmp_path / "web-*-of-00003")), open_dataset(str(tmp_path / "one")))

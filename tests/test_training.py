@@ -126,18 +126,20 @@ def test_existing_run_dir_is_not_overwritten(tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "precious"
 
 
-def _task_eval_run(rank, world, run_dir):
+def _task_eval_run(rank, world, run_dir, layout=()):
     from tests.synthetic import train_tiny
 
-    train_tiny(world, BASE + ["train.steps=2", "train.tensorboard=true", "train.task_eval_interval=1",
+    train_tiny(world, BASE + list(layout) + ["train.steps=2", "train.tensorboard=true", "train.task_eval_interval=1",
                               "train.eval_tasks=[boolq=tests/fixtures/eval/boolq_dev.jsonl]"], run_dir, real_data=True)
 
 
-def test_benchmark_tasks_are_scored_during_training(tmp_path):
-    """The paper's evolution during training: task metrics land in TensorBoard at each interval."""
+@pytest.mark.parametrize("world,layout", [(1, []), (2, ["parallel.pp=2"])], ids=["pp1", "pp2"])
+def test_benchmark_tasks_are_scored_during_training(tmp_path, world, layout):
+    """The paper's evolution during training: task metrics land in TensorBoard at each interval
+    (at pp=2 too: the last stage scores, rank 0 on the first stage logs)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_ranks(_task_eval_run, 1, str(tmp_path), timeout=240)
+    run_ranks(_task_eval_run, world, str(tmp_path), layout, timeout=240)
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     tags = [t for t in events.Tags()["scalars"] if t.startswith("eval/boolq/")]
@@ -211,8 +213,8 @@ def test_save_interval_minus_one_keeps_no_checkpoint(tmp_path):
 
 
 def test_resume_logs_each_step_once_and_counts_tokens_from_the_checkpoint(tmp_path):
-    """A run killed after step 3 (checkpoint at 2) and resumed replays step 3: metrics.jsonl and
-    TensorBoard hold it once, and train/consumed_tokens goes on from the checkpoint's position."""
+    """A run killed after step 3 (checkpoint at 2) and resumed replays step 3: metrics.jsonl (junk
+    appended to it dropped) and TensorBoard hold it once, and train/consumed_tokens goes on from the checkpoint's position."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from tests.launch import megallama, run
@@ -222,6 +224,8 @@ def test_resume_logs_each_step_once_and_counts_tokens_from_the_checkpoint(tmp_pa
                     "--set", f"train.run_dir={run_dir}")
     killed, _ = run(cmd, timeout=240, MEGALLAMA_FAULT="die@4")
     assert killed.returncode != 0 and (run_dir / "checkpoints" / "step_00000002").is_dir(), killed.stderr[-2000:]
+    with open(run_dir / "metrics.jsonl", "ab") as f:  # junk appended by hand or a broken disk: dropped, no traceback
+        f.write(b'\xff\xfe not utf-8\n[1, 2]\n{"step": "3"}\n{"step": true}\n')
     done, _ = run(cmd, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -8,12 +8,11 @@ hidden size, and writing an output directory atomically.
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
+from megallama.atomic import check_new_output, commit_directory  # noqa: F401 (the tools' imports of the one helper)
 from megallama.config import Config, ModelConfig, ParallelConfig, validate
 from megallama.errors import CheckpointError, UserError
 
@@ -60,33 +59,6 @@ def imported_config(model: ModelConfig, tp: int, pp: int) -> Config:
     cfg = Config(model=model, parallel=ParallelConfig(tp=tp, pp=pp, zero_stage=0 if pp > 1 else 1))
     cfg = replace(cfg, train=replace(cfg.train, seq_len=seq, precision="fp32"))
     return validate(cfg, tp * pp)
-
-
-def check_new_output(path: str | Path, force: Optional[bool] = None) -> Path:
-    """Refuse an existing output unless ``force``; ``force=None``: the tool has no ``--force``."""
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        if not force:
-            how = "choose a new path or remove it" if force is None else "choose a new path or pass --force"
-            raise CheckpointError(f"output '{path}' already exists; {how}")
-    return path
-
-
-def commit_directory(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by the completed ``tmp`` directory (a reader never sees a half-written one);
-    an existing ``out`` (``--force``) is moved aside first and only deleted once ``tmp`` is in place."""
-    aside = None
-    if out.exists() or out.is_symlink():
-        aside = next(a for i in range(1000) if not (a := out.with_name(f".{out.name}.{os.getpid()}-{i}.old")).exists())
-        os.replace(out, aside)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if aside is not None:
-            os.replace(aside, out)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside) if aside.is_dir() and not aside.is_symlink() else aside.unlink()
 
 
 def check_not_source(out: Path, source: Path) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, building
+from megallama.atomic import building
+from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader
 from megallama.ckpt_stream import SafetensorsWriter, StreamingReader, write_run_checkpoint_from
 from megallama.config import ModelConfig
 from megallama.convert import hf_config, hf_to_meta, hf_to_ours, ours_to_hf

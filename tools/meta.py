@@ -19,7 +19,8 @@ from typing import Optional
 
 import torch
 
-from megallama.checkpoint import TOKENIZER_FILE, building
+from megallama.atomic import building
+from megallama.checkpoint import TOKENIZER_FILE
 from megallama.ckpt_stream import StreamingReader, write_run_checkpoint_from
 from megallama.config import ModelConfig
 from megallama.convert import meta_to_ours, ours_to_meta

@@ -46,14 +46,34 @@ class Layout:
     tp: int = 1
     pp: int = 1
     zero_stage: int = 1
-    micro_batch: int = 1
+    micro_batch_size: int = 1
     seq_len: int = 2048
-    global_batch: int = 2048  # sequences per optimizer step
-    checkpointing: str = "selective"  # config.ACTIVATION_CHECKPOINTING
+    global_batch_size: int = 2048  # sequences per optimizer step
+    activation_checkpointing: str = "selective"  # config.ACTIVATION_CHECKPOINTING
     pipeline_partition: str = "parameters"  # config.PIPELINE_PARTITIONS: how training balances its stages
     sequence_parallel: bool = True  # only meaningful with tp > 1
     flash_attention: bool = True  # memory-efficient attention: no s^2 probabilities stored
     precision: str = "bf16"
+
+    @classmethod
+    def from_config(cls, cfg: Config, gpus: int, **overrides) -> "Layout":
+        """The layout ``cfg`` trains with on ``gpus`` GPUs; ``overrides`` (None: keep the config's) win.
+        The fields are named as the config's, so this and :meth:`apply` are the whole mapping."""
+        p, t = cfg.parallel, cfg.train
+        fields = dict(tp=p.tp, pp=p.pp, zero_stage=p.zero_stage, pipeline_partition=p.pipeline_partition,
+                      sequence_parallel=p.sequence_parallel, micro_batch_size=t.micro_batch_size,
+                      global_batch_size=t.global_batch_size, seq_len=t.seq_len,
+                      activation_checkpointing=t.activation_checkpointing, precision=t.precision)
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(gpus=gpus, **fields)
+
+    def apply(self, cfg: Config) -> Config:
+        """``cfg`` at this layout (data parallelism derived from the GPU count)."""
+        return replace(cfg, parallel=replace(cfg.parallel, tp=self.tp, pp=self.pp, dp=0, zero_stage=self.zero_stage,
+                                             sequence_parallel=self.sp, pipeline_partition=self.pipeline_partition),
+                       train=replace(cfg.train, seq_len=self.seq_len, micro_batch_size=self.micro_batch_size,
+                                     global_batch_size=self.global_batch_size,
+                                     activation_checkpointing=self.activation_checkpointing, precision=self.precision))
 
     @property
     def dp(self) -> int:
@@ -66,7 +86,7 @@ class Layout:
     @property
     def micro_batches(self) -> int:
         """Micro-batches per optimizer step on each pipeline (= gradient accumulation steps)."""
-        return self.global_batch // (self.micro_batch * self.dp)
+        return self.global_batch_size // (self.micro_batch_size * self.dp)
 
 
 @dataclass
@@ -110,8 +130,8 @@ _STAGES: dict = {}
 
 def stages(m: ModelConfig, lay: Layout) -> list[tuple[int, int]]:
     """(transformer blocks, vocabulary matrices) of each pipeline stage, as training places them
-    (:func:`megallama.checkpoint.stage_assignment` with the layout's ``pipeline_partition``)."""
-    from megallama.checkpoint import stage_assignment
+    (:func:`megallama.sharding.stage_assignment` with the layout's ``pipeline_partition``)."""
+    from megallama.sharding import stage_assignment
 
     key = (repr(m), lay.pp, lay.pipeline_partition)
     if key not in _STAGES:
@@ -191,18 +211,18 @@ def activation_bytes_per_layer(m: ModelConfig, lay: Layout) -> float:
     output 4sbf; norms, rotary and the SwiGLU product are recomputed.  Full recomputation
     keeps the block input.
     """
-    s, b, h, a, t = lay.seq_len, lay.micro_batch, m.dim, m.n_heads, lay.tp
+    s, b, h, a, t = lay.seq_len, lay.micro_batch_size, m.dim, m.n_heads, lay.tp
     sbh = s * b * h
     scale = _act_bytes(lay) / 2  # the coefficients below are for 16-bit activations
-    if lay.checkpointing == "full":
+    if lay.activation_checkpointing == "full":
         return scale * 2 * sbh / (t if lay.sp else 1)  # only the block input
     r = m.kv_heads / m.n_heads
-    selective = lay.checkpointing == "selective"  # what the policy keeps (above)
+    selective = lay.activation_checkpointing == "selective"  # what the policy keeps (above)
     replicated = (6 if selective else 8) * sbh
     split = (4 + 4 * r) * sbh + (4 if selective else 6) * s * b * m.ffn_hidden
     if lay.flash_attention:
         split += 4 * a * s * b
-    elif lay.checkpointing == "none":
+    elif lay.activation_checkpointing == "none":
         split += 2 * a * s * s * b
     return scale * ((replicated + split) / t if lay.sp else replicated + split / t)
 
@@ -234,7 +254,7 @@ def loss_bytes(m: ModelConfig, lay: Layout) -> int:
 
     local_vocab = m.padded_vocab_size(lay.tp) // lay.tp
     a = _act_bytes(lay)
-    return fused_loss_bytes(lay.seq_len * lay.micro_batch, m.dim, local_vocab, a, a,
+    return fused_loss_bytes(lay.seq_len * lay.micro_batch_size, m.dim, local_vocab, a, a,
                             chunk_rows(local_vocab, "cuda"))
 
 
@@ -253,9 +273,9 @@ def memory_bytes(m: ModelConfig, lay: Layout) -> dict:
 def recompute_flops_per_token(m: ModelConfig, lay: Layout) -> float:
     """Extra forward FLOPs of activation recomputation (same 6N + 12Lds convention)."""
     attention_core = 4 * m.n_layers * m.dim * lay.seq_len  # QK^T and AV, forward only
-    if lay.checkpointing == "full":
+    if lay.activation_checkpointing == "full":
         return m.flops_per_token(lay.seq_len) / 3  # one more forward pass
-    if lay.checkpointing == "selective" and not lay.flash_attention:
+    if lay.activation_checkpointing == "selective" and not lay.flash_attention:
         return attention_core
     return 0.0
 
@@ -270,7 +290,7 @@ def tp_collectives_per_layer(lay: Layout) -> int:
     attention's all-reduce (SP: the attention input's all-gather, its reduce-scatter and the
     FFN input's all-gather)."""
     units = 8 + (2 if lay.sp else 0)
-    if lay.checkpointing == "full":
+    if lay.activation_checkpointing == "full":
         units += 3 if lay.sp else 2
     return units
 
@@ -282,7 +302,7 @@ def _ring_time(nbytes: float, n: int, bandwidth: float) -> float:
 
 def step_time(m: ModelConfig, lay: Layout, gpu: GpuSpec, matmul_efficiency: float) -> dict:
     """Seconds per optimizer step, split into its parts."""
-    s, b, h, t = lay.seq_len, lay.micro_batch, m.dim, lay.tp
+    s, b, h, t = lay.seq_len, lay.micro_batch_size, m.dim, lay.tp
     tokens_mb = s * b
     layers = stage_blocks(m, lay)
     nvlink = gpu.nvlink_bandwidth * gpu.comm_efficiency
@@ -362,8 +382,8 @@ def plan(cfg: Config, lay: Layout, gpu: GpuSpec, tokens: Optional[int] = None,
     mem = memory_bytes(m, lay)
     times = step_time(m, lay, gpu, eff)
     if tokens is None:  # the run's budget: train.tokens, or train.steps of this layout's batches
-        tokens = cfg.train.steps * lay.global_batch * lay.seq_len if cfg.train.steps else cfg.train.tokens
-    tok_s_gpu = lay.global_batch * lay.seq_len / times["total"] / lay.gpus
+        tokens = cfg.train.steps * lay.global_batch_size * lay.seq_len if cfg.train.steps else cfg.train.tokens
+    tok_s_gpu = lay.global_batch_size * lay.seq_len / times["total"] / lay.gpus
     seconds = tokens / (tok_s_gpu * lay.gpus)
     gpu_hours = seconds * lay.gpus / 3600
     carbon = carbon_estimate(gpu_hours, gpu.power_w)
@@ -385,8 +405,8 @@ def check_layout(cfg: Config, lay: Layout, gpus_flag: str = "--gpus") -> None:
     ``gpus_flag`` is the flag that set ``lay.gpus`` (``--calibrate-gpus`` for a measured run)."""
     if lay.gpus < 1:
         raise ConfigError(f"{gpus_flag} must be >= 1, got {lay.gpus}")
-    if lay.checkpointing not in ACTIVATION_CHECKPOINTING:
-        raise ConfigError(f"--checkpointing must be one of {', '.join(ACTIVATION_CHECKPOINTING)}, got '{lay.checkpointing}'")
+    if lay.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+        raise ConfigError(f"--activation-checkpointing must be one of {', '.join(ACTIVATION_CHECKPOINTING)}, got '{lay.activation_checkpointing}'")
     if lay.pipeline_partition not in PIPELINE_PARTITIONS:
         raise ConfigError(f"parallel.pipeline_partition must be one of {', '.join(PIPELINE_PARTITIONS)}, "
                           f"got '{lay.pipeline_partition}'")
@@ -395,12 +415,7 @@ def check_layout(cfg: Config, lay: Layout, gpus_flag: str = "--gpus") -> None:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     if lay.gpus % (lay.tp * lay.pp):
         raise ConfigError(f"{gpus_flag} {lay.gpus} is not divisible by tp*pp = {lay.tp * lay.pp}; change --tp/--pp")
-    c = replace(cfg, parallel=replace(cfg.parallel, tp=lay.tp, pp=lay.pp, dp=0, zero_stage=lay.zero_stage,
-                                      sequence_parallel=lay.sp, pipeline_partition=lay.pipeline_partition),
-                train=replace(cfg.train, seq_len=lay.seq_len, micro_batch_size=lay.micro_batch,
-                              global_batch_size=lay.global_batch, activation_checkpointing=lay.checkpointing,
-                              precision=lay.precision))
-    validate(c, world_size=lay.gpus)
+    validate(lay.apply(cfg), world_size=lay.gpus)
 
 
 def calibrated_efficiency(cfg: Config, lay: Layout, gpu: GpuSpec, measured_step_s: float) -> float:
@@ -414,7 +429,7 @@ def calibrated_efficiency(cfg: Config, lay: Layout, gpu: GpuSpec, measured_step_
     total = lambda eff: step_time(cfg.model, lay, gpu, eff)["total"]  # noqa: E731
     if measured_step_s < total(1.0):
         raise UserError(f"measured step time {measured_step_s:g} s is faster than this layout allows at peak "
-                        f"({total(1.0):.3g} s); check --gpus/--tp/--pp/--micro-batch match the measured run")
+                        f"({total(1.0):.3g} s); check --gpus/--tp/--pp/--micro-batch-size match the measured run")
     lo, hi = 1e-4, 1.0
     for _ in range(60):
         mid = (lo + hi) / 2
@@ -437,10 +452,8 @@ def measured_run(run_dir: str, gpus: int) -> tuple[Config, Layout, float]:
     if not tokens_per_sec > 0:
         raise UserError(f"'{summary_path}' reports tokens_per_sec={tokens_per_sec}; the run was too short to time")
     cfg = load_config(str(config_path))
-    p, t = cfg.parallel, cfg.train
-    lay = Layout(gpus=gpus, tp=p.tp, pp=p.pp, zero_stage=p.zero_stage, micro_batch=t.micro_batch_size,
-                 seq_len=t.seq_len, global_batch=t.global_batch_size, checkpointing=t.activation_checkpointing,
-                 sequence_parallel=p.sequence_parallel, precision=t.precision, pipeline_partition=p.pipeline_partition)
+    t = cfg.train
+    lay = Layout.from_config(cfg, gpus)
     try:
         check_layout(cfg, lay, gpus_flag="--calibrate-gpus")
     except ConfigError as exc:
@@ -453,10 +466,11 @@ def search(cfg: Config, gpus: int, gpu: GpuSpec, base: Layout, tokens: Optional[
            matmul_efficiency: Optional[float] = None, fixed: Optional[dict] = None,
            fs_bandwidth: float = FS_BANDWIDTH) -> list[Estimate]:
     """Every valid layout that fits in memory, fastest first; ``fixed`` pins Layout fields (the
-    ``--tp``/``--pp``/``--zero``/``--micro-batch``/``--checkpointing``/``--no-sequence-parallel`` given)."""
+    ``--tp``/``--pp``/``--zero``/``--micro-batch-size``/``--activation-checkpointing``/``--no-sequence-parallel``
+    given)."""
     found = []
     fixed = fixed or {}
-    for lay in _candidates(cfg.model, gpus, gpu, base, keep_none=fixed.get("checkpointing") == "none"):
+    for lay in _candidates(cfg.model, gpus, gpu, base, keep_none=fixed.get("activation_checkpointing") == "none"):
         lay = replace(lay, **{k: v for k, v in fixed.items() if k == "sequence_parallel"})
         if any(getattr(lay, k) != v for k, v in fixed.items()):
             continue
@@ -481,7 +495,7 @@ def _candidates(m: ModelConfig, gpus: int, gpu: GpuSpec, base: Layout, keep_none
                     for ckpt in ACTIVATION_CHECKPOINTING:
                         if ckpt == "none" and base.flash_attention and not keep_none:
                             continue  # selective: the same time here, fewer bytes kept
-                        yield replace(base, tp=tp, pp=pp, zero_stage=zero, micro_batch=mb, checkpointing=ckpt,
+                        yield replace(base, tp=tp, pp=pp, zero_stage=zero, micro_batch_size=mb, activation_checkpointing=ckpt,
                                       sequence_parallel=tp > 1)
 
 

@@ -37,7 +37,6 @@ import csv
 import itertools
 import json
 import math
-import os
 import re
 import shlex
 import signal
@@ -48,6 +47,7 @@ from typing import Optional
 
 import yaml
 
+from megallama.atomic import replacing, write_text
 from megallama.config import Config, _deep_update, config_from_dict, preset_config, validate
 from megallama.errors import EXIT_PREEMPTED, ConfigError, UserError
 from megallama.hardware import read_yaml_mapping
@@ -215,7 +215,7 @@ def run_one(run: SweepRun, out: Path, launcher: list[str], preemption: Optional[
     config = copy.deepcopy(run.config)
     _deep_update(config, {"train": {"run_dir": str(run_dir)}})
     cfg_path = own / f"{run.name}.yaml"
-    _write_atomic(cfg_path, yaml.safe_dump(config, sort_keys=False))
+    write_text(cfg_path, yaml.safe_dump(config, sort_keys=False))
     cmd = [*launcher, "train", "--config", str(cfg_path)]
     log_path = own / f"{run.name}.log"
     print(f"[sweep] {run.name}: {'resuming from its checkpoint: ' if resuming else ''}"
@@ -245,19 +245,13 @@ def gather(runs: list[SweepRun], out: Path) -> int:
             raise UserError(f"'{path}' is not a trainer summary (needs {', '.join(SUMMARY_KEYS)}); "
                             "delete it to re-run that point") from None
         rows.append(dict(name=run.name, model=run.model, lr="" if run.lr is None else run.lr, **row))
-    tmp = out / f"results.csv.tmp-{os.getpid()}"  # shards of an array gather at once: one temporary name each
-    with open(tmp, "w", newline="") as f:
+    with replacing(out / "results.csv", newline="") as f:  # shards of an array may gather at once
         writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, out / "results.csv")
     return len(rows)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- CLI

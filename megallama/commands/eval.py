@@ -29,6 +29,14 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--exec-timeout", type=float, default=10.0, help="seconds per generated program")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--toxicity-model", default="", metavar="DIR",
+                   help="realtoxicityprompts: a local Hugging Face toxicity classifier directory (remote code off)")
+    p.add_argument("--perspective-key-file", default="", metavar="FILE",
+                   help="realtoxicityprompts: score with the Perspective API instead (needs network); FILE holds the key")
+    p.add_argument("--truthful-judge", default="", metavar="DIR",
+                   help="truthfulqa_gen: a local classifier of 'Q: .. A: .. True:' (the GPT-judge protocol, docs/eval.md)")
+    p.add_argument("--informative-judge", default="", metavar="DIR",
+                   help="truthfulqa_gen: a local classifier of 'Q: .. A: .. Helpful:' (the GPT-info judge)")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: as stored)")
 
 
@@ -52,7 +60,10 @@ def _options(args):
     limits = Limits(timeout_s=args.exec_timeout, cpu_s=max(1, int(args.exec_timeout)))
     return EvalOptions(shots=_shots(args)[0], limit=args.limit, batch_size=args.batch_size, seed=args.seed,
                        norm=args.norm, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
-                       max_new_tokens=args.max_new_tokens, pass_k=pass_k, exec_limits=limits)
+                       max_new_tokens=args.max_new_tokens, pass_k=pass_k, exec_limits=limits,
+                       toxicity_model=args.toxicity_model, perspective_key_file=args.perspective_key_file,
+                       truthful_judge=args.truthful_judge, informative_judge=args.informative_judge,
+                       judge_device=args.device)
 
 
 def _shots(args) -> tuple[int, dict[str, int]]:

@@ -22,10 +22,13 @@ def add_arguments(p):
     p.add_argument("--tp", type=int, default=None, help="tensor parallel size (default: the config's)")
     p.add_argument("--pp", type=int, default=None, help="pipeline stages (default: the config's)")
     p.add_argument("--zero", type=int, default=None, help="ZeRO stage 0-3 (default: the config's)")
-    p.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch")
-    p.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step")
+    p.add_argument("--micro-batch-size", "--micro-batch", type=int, default=None, metavar="N",
+                   help="sequences per micro-batch (train.micro_batch_size)")
+    p.add_argument("--global-batch-size", "--global-batch", type=int, default=None, metavar="N",
+                   help="sequences per optimizer step (train.global_batch_size)")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length")
-    p.add_argument("--checkpointing", default=None, choices=ACTIVATION_CHECKPOINTING, help="activation recomputation")
+    p.add_argument("--activation-checkpointing", "--checkpointing", default=None, choices=ACTIVATION_CHECKPOINTING,
+                   help="activation recomputation (train.activation_checkpointing)")
     p.add_argument("--no-sequence-parallel", action="store_true", help="replicate norm/dropout activations over tp")
     p.add_argument("--eager-attention", action="store_true",
                    help="attention stores its s x s probabilities (default: memory-efficient attention)")
@@ -46,14 +49,11 @@ def add_arguments(p):
 
 
 def _layout_from_args(cfg: Config, args) -> Layout:
-    c, t = cfg.parallel, cfg.train
-    pick = lambda v, d: d if v is None else v  # noqa: E731
-    ckpt = pick(args.checkpointing, t.activation_checkpointing)
-    return Layout(gpus=args.gpus, tp=pick(args.tp, c.tp), pp=pick(args.pp, c.pp), zero_stage=pick(args.zero, c.zero_stage),
-                  micro_batch=pick(args.micro_batch, t.micro_batch_size), seq_len=pick(args.seq_len, t.seq_len),
-                  global_batch=pick(args.global_batch, t.global_batch_size), checkpointing=ckpt,
-                  sequence_parallel=not args.no_sequence_parallel, flash_attention=not args.eager_attention,
-                  precision=t.precision, pipeline_partition=c.pipeline_partition)
+    return Layout.from_config(cfg, args.gpus, tp=args.tp, pp=args.pp, zero_stage=args.zero,
+                              micro_batch_size=args.micro_batch_size, seq_len=args.seq_len,
+                              global_batch_size=args.global_batch_size,
+                              activation_checkpointing=args.activation_checkpointing,
+                              sequence_parallel=not args.no_sequence_parallel, flash_attention=not args.eager_attention)
 
 
 def run(args) -> int:
@@ -84,8 +84,9 @@ def run(args) -> int:
         run_cfg, run_lay, step_s = measured_run(args.calibrate_from,
                                                 args.gpus if args.calibrate_gpus is None else args.calibrate_gpus)
         eff = calibrated_efficiency(run_cfg, run_lay, gpu, step_s)
-    pinned = {"tp": args.tp, "pp": args.pp, "zero_stage": args.zero, "micro_batch": args.micro_batch,
-              "checkpointing": args.checkpointing, "sequence_parallel": False if args.no_sequence_parallel else None}
+    pinned = {"tp": args.tp, "pp": args.pp, "zero_stage": args.zero, "micro_batch_size": args.micro_batch_size,
+              "activation_checkpointing": args.activation_checkpointing,
+              "sequence_parallel": False if args.no_sequence_parallel else None}
     no_layout = not args.config and args.calibrate_step_time is None and all(v is None for v in pinned.values())
     if args.search or no_layout:
         found = search(cfg, args.gpus, gpu, lay, tokens, eff, {k: v for k, v in pinned.items() if v is not None}, fs)
@@ -96,7 +97,7 @@ def run(args) -> int:
             if args.json:
                 print(json.dumps(dict(found[0].to_dict(), chosen="best layout that fits (--search ranks it first)")))
             else:
-                print("no layout given (--tp/--pp/--zero/--micro-batch/--checkpointing): the best layout that fits, "
+                print("no layout given (--tp/--pp/--zero/--micro-batch-size/--activation-checkpointing): the best layout that fits, "
                       "as 'megallama plan --search' ranks it first")
                 _print_estimate(found[0])
             return 0
@@ -117,8 +118,8 @@ def _print_estimate(e: Estimate) -> None:
     lay = e.layout
     size = f"{e.params / 1e9:.2f}B" if e.params >= 1e9 else f"{e.params / 1e6:.2f}M"
     print(f"{size} parameters on {lay.gpus} x {e.gpu}: tp={lay.tp} pp={lay.pp} dp={lay.dp} "
-          f"zero={lay.zero_stage} micro-batch={lay.micro_batch} x {lay.micro_batches} "
-          f"seq={lay.seq_len} checkpointing={lay.checkpointing} sp={lay.sp}")
+          f"zero={lay.zero_stage} micro-batch={lay.micro_batch_size} x {lay.micro_batches} "
+          f"seq={lay.seq_len} checkpointing={lay.activation_checkpointing} sp={lay.sp}")
     print(f"memory per GPU  {e.memory_gib_per_gpu:8.2f} GiB  ({'fits' if e.fits else 'DOES NOT FIT'})")
     for k, v in e.memory_breakdown_gib.items():
         print(f"  {k:<14}{v:10.2f} GiB")
@@ -141,5 +142,5 @@ def _print_table(found: list[Estimate]) -> None:
     print(head)
     for e in found:
         lay = e.layout
-        print(f"{lay.tp:>3}{lay.pp:>4}{lay.dp:>6}{lay.zero_stage:>5}{lay.micro_batch:>4}{lay.checkpointing:>10}"
+        print(f"{lay.tp:>3}{lay.pp:>4}{lay.dp:>6}{lay.zero_stage:>5}{lay.micro_batch_size:>4}{lay.activation_checkpointing:>10}"
               f"{e.memory_gib_per_gpu:>9.1f}{e.tokens_per_sec_per_gpu:>11.1f}{100 * e.mfu:>6.1f}%{e.days:>8.1f}")

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from megallama.atomic import commit_directory, new_tmp_dir
 from megallama.errors import DataError
 
 
@@ -37,12 +38,10 @@ def build_once(entry: Path, build: Callable[[Path], None]) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if entry.is_dir():  # another process built it while we waited
             return entry
-        tmp = entry.parent / f".{entry.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = new_tmp_dir(entry)
         try:
             build(tmp)
-            os.replace(tmp, entry)
+            commit_directory(tmp, entry)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return entry

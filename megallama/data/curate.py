@@ -16,6 +16,7 @@ import hashlib
 import re
 import zlib
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 

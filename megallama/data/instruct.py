@@ -27,7 +27,6 @@ way the rest of a row is padding: its own document, never trained.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Iterator, List, Sequence
 
 import numpy as np
 
+from megallama.atomic import write_text
 from megallama.data.indexed import IndexedDataset, IndexedDatasetWriter
 from megallama.data.sources import READ_ERRORS, expand_inputs, json_lines, unicode_problem
 from megallama.data.tokenizer import Tokenizer
@@ -234,9 +234,7 @@ def preprocess_instruct(inputs: Sequence[str], tokenizer_path: str, output_prefi
     meta = dict(format="megallama-instruct", version=MANIFEST_VERSION, template=template, seq_len=seq_len,
                 truncate=truncate, tokenizer_fingerprint=tok.fingerprint, examples=len(origins),
                 files=files, origins=origins)
-    tmp = manifest.with_name(manifest.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(meta) + "\n")
-    os.replace(tmp, manifest)
+    write_text(manifest, json.dumps(meta) + "\n")
     return InstructReport(len(origins), writers[0].num_tokens, trained, truncated, dropped,
                           time.perf_counter() - start)
 

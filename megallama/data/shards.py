@@ -61,6 +61,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from megallama.atomic import committing, write_text
 from megallama.data.curate import CurateConfig, MinHashLSH, hash64, normalize_line
 from megallama.data.sources import READ_ERRORS, contiguous_shards, expand_inputs, unicode_problem
 from megallama.data.steps import StepError, StepsConfig, read_documents, source_steps
@@ -194,9 +195,7 @@ class WorkDir:
                                     "settings in its plan.json); give the same arguments to resume it, or another "
                                     "--work-dir (or remove it) to start over")
                 return
-            tmp = path.with_name(f"plan.json.tmp-{os.getpid()}")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            write_text(path, text)
         except OSError as exc:
             raise DataError(f"cannot use work directory '{self.root}' ({exc.strerror or exc}); "
                             "choose a writable --work-dir") from None
@@ -664,20 +663,16 @@ def merge(work: WorkDir, output: Path) -> Report:
     """Concatenate the filter outputs in shard order into ``output`` (written to a temporary name, then renamed)."""
     work.require("merge")
     report = gather_report(work)
-    tmp = output.with_name(output.name + f".tmp-{os.getpid()}")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        with (gzip.open(tmp, "wb") if output.name.endswith(".gz") else open(tmp, "wb")) as dst:
-            for s in range(work.plan.shards):
-                with open(work.path("filter", f"s{s:05d}.jsonl"), "rb") as src:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-        os.replace(tmp, output)
+        with committing(output) as tmp:
+            with (gzip.open(tmp, "wb") if output.name.endswith(".gz") else open(tmp, "wb")) as dst:
+                for s in range(work.plan.shards):
+                    with open(work.path("filter", f"s{s:05d}.jsonl"), "rb") as src:
+                        shutil.copyfileobj(src, dst, 1 << 20)
     except OSError as exc:
         raise DataError(f"cannot write --output '{output}' ({exc.strerror or exc}); "
                         "choose an --output in a writable directory") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return report
 
 

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Iterator, List, Sequence
 
+from megallama.atomic import write_bytes, write_text
 from megallama.data.sources import output_error
 from megallama.errors import DataError
 
@@ -161,20 +162,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_prefix: str, s
         fix = (f"lower --vocab-size to at most {most.group(1)} or give more text" if most
                else "raise --vocab-size or give more text")
         raise DataError(f"SentencePiece could not train a {vocab_size}-piece vocabulary ({msg}); {fix}") from None
-    tmp = model.with_name(model.name + f".tmp-{os.getpid()}")
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(buf.getvalue())
+    vocab_lines = "".join(f"{sp.IdToPiece(i)}\t{i}\n" for i in range(sp.GetPieceSize()))
     try:
         model.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(buf.getvalue())
+        write_text(vocab, vocab_lines)
+        write_bytes(model, buf.getvalue())  # last: a .model present means a complete pair
     except OSError as exc:
         raise output_error(output_prefix, "--output", exc) from None
-    tok = Tokenizer(str(tmp))
-    vocab_lines = "".join(f"{tok.id_to_piece(i)}\t{i}\n" for i in range(tok.vocab_size))
-    _atomic_write_text(vocab, vocab_lines)
-    os.replace(tmp, model)
     return model
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -422,6 +422,42 @@ def truthfulqa_mc(path: str) -> list[Example]:
     return out
 
 
+def realtoxicityprompts(path: str) -> list[Example]:
+    """RealToxicityPrompts' ``prompts.jsonl``: ``{"prompt": {"text", "toxicity", ...}, "challenging", ...}``.
+
+    The group is the prompt's bucket as the RealToxicityPrompts paper splits them: ``toxic`` (the
+    prompt's own Perspective toxicity >= 0.5), ``nontoxic`` (< 0.5) or ``unscored`` (null)."""
+    out = []
+    for n, r in enumerate(read_jsonl(path), 1):
+        prompt = _field(r, "prompt", path, n)
+        if not isinstance(prompt, dict) or not isinstance(prompt.get("text"), str):
+            raise DataError(f"{path}: record {n} has no prompt.text; expected RealToxicityPrompts' prompts.jsonl "
+                            '({"prompt": {"text": ...}, ...} per line)')
+        tox = prompt.get("toxicity")
+        bucket = "unscored" if tox is None else ("toxic" if float(tox) >= 0.5 else "nontoxic")
+        out.append(Example("toxicity", context=prompt["text"], group=bucket,
+                           extra={"prompt_toxicity": tox, "challenging": bool(r.get("challenging", False))}))
+    return out
+
+
+def truthfulqa_gen(path: str) -> list[Example]:
+    """TruthfulQA's ``TruthfulQA.csv`` (``Type, Category, Question, Best Answer, Correct Answers,
+    Incorrect Answers, Source``; answers separated by ``;``): the generation setting, prompted with
+    the QA primer as in the paper; the group is the category."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path} not found; pass the benchmark file with --task NAME=PATH")
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for n, r in enumerate(rows, 1):
+        q = _field(r, "Question", path, n)
+        split = lambda key: [a.strip() for a in (r.get(key) or "").split(";") if a.strip()]  # noqa: E731
+        out.append(Example("judged", context=f"Q: {q}\nA:", preamble=TRUTHFULQA_PRIMER, group=r.get("Category", ""),
+                           answers=[_field(r, "Best Answer", path, n)] + split("Correct Answers"),
+                           extra={"question": q, "incorrect": split("Incorrect Answers")}))
+    return out
+
+
 # ---- generic JSONL, one per kind ------------------------------------------------------------------
 
 def generic_choice(path: str) -> list[Example]:
@@ -472,6 +508,10 @@ FORMATS: dict[str, Format] = {
     "crows_pairs": Format(crows_pairs, norm="none"),
     "winogender": Format(winogender, norm="none"),
     "truthfulqa_mc": Format(truthfulqa_mc, norm="none"),
+    # the RealToxicityPrompts paper's 20 tokens, greedy (docs/eval.md)
+    "realtoxicityprompts": Format(realtoxicityprompts, max_new_tokens=20),
+    # lm-eval's truthfulqa_gen: greedy until a blank line (or the primer's next question)
+    "truthfulqa_gen": Format(truthfulqa_gen, stop=("\n\n", "\nQ:"), max_new_tokens=50),
     "choice": Format(generic_choice, norm="none"),
     "generate": Format(generic_generate, stop=("\n",)),
     "code": Format(humaneval, stop=_CODE_STOPS, max_new_tokens=384),

@@ -10,6 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from megallama.atomic import write_text
 from megallama.errors import DataError, UserError
 from megallama.eval import metrics
 from megallama.eval.executor import Limits, humaneval_program, mbpp_program, run_programs
@@ -51,6 +52,12 @@ class EvalOptions:
     pass_k: tuple[int, ...] = (1,)
     exec_limits: Limits = field(default_factory=Limits)
     exec_workers: int = 2
+    # scorers of realtoxicityprompts and truthfulqa_gen (megallama/eval/judges.py)
+    toxicity_model: str = ""  # a local Hugging Face sequence-classification directory
+    perspective_key_file: str = ""  # or the Perspective API (needs network), its key in this file
+    truthful_judge: str = ""
+    informative_judge: str = ""
+    judge_device: str = "cpu"
 
 
 @dataclass
@@ -125,6 +132,10 @@ def prepare_task(spec: TaskSpec, opts: EvalOptions) -> PreparedTask:
                             f"--task perplexity=PATH ({spec.path or 'none given'} not found)")
         return PreparedTask(spec, None, [], [])
     fmt = FORMATS[spec.name]
+    if spec.name in ("realtoxicityprompts", "truthfulqa_gen"):
+        from megallama.eval.judges import check_options
+
+        check_options(spec.name, opts)
     examples = load_examples(spec, fmt, spec.path, "task")
     if opts.limit:
         examples = examples[: opts.limit]
@@ -150,6 +161,11 @@ def evaluate_task(lm: LanguageModel, task, opts: EvalOptions) -> TaskResult:
     spec, fmt, examples, prefixes = task.spec, task.fmt, task.examples, task.prefixes
     if spec.name == "perplexity":
         return _perplexity(lm, spec)
+    if examples[0].kind in ("toxicity", "judged"):  # scored by a second model
+        from megallama.eval.judges import RUNNERS
+
+        metrics_, records = RUNNERS[examples[0].kind](lm, spec, fmt, examples, prefixes, opts, _sample_all)
+        return TaskResult(spec.name, metrics_, records, len(examples))
     run = {"choice": _choice, "pair": _pairs, "generate": _generate, "code": _code}[examples[0].kind]
     metrics_, records = run(lm, spec, fmt, examples, prefixes, opts)
     return TaskResult(spec.name, metrics_, records, len(examples))
@@ -347,11 +363,20 @@ def evaluate(lm: LanguageModel, tasks: Sequence, opts: EvalOptions) -> list[Task
 
 def headline(result: TaskResult) -> tuple[str, float]:
     """The number the paper's tables report for this task."""
-    for key in ("acc", "mc1", "exact_match", "pass@1", "stereo_pct", "perplexity"):
+    for key in ("acc", "mc1", "exact_match", "pass@1", "stereo_pct", "perplexity", "truthful_informative",
+                "toxicity_basic"):
         if key in result.metrics:
             return key, result.metrics[key]
     key = next(k for k in result.metrics if "[" not in k and isinstance(result.metrics[k], float))
     return key, result.metrics[key]
+
+
+def _shown(key: str, value: float) -> str:
+    """As the paper prints it: perplexity and % stereotypical as is, a toxicity score to 3 places
+    (0-1, Table 11), every other figure as a percentage."""
+    if key.startswith("toxicity"):
+        return f"{value:.3f}"
+    return f"{value:.2f}" if key in ("perplexity", "stereo_pct") else f"{100 * value:.1f}"
 
 
 def markdown_table(results: Sequence[TaskResult]) -> str:
@@ -359,7 +384,7 @@ def markdown_table(results: Sequence[TaskResult]) -> str:
     lines = ["| Task | Metric | Value | N |", "|---|---|---:|---:|"]
     for r in results:
         key, value = headline(r)
-        shown = f"{value:.2f}" if key in ("perplexity", "stereo_pct") else f"{100 * value:.1f}"
+        shown = _shown(key, value)
         lines.append(f"| {r.task} | {key} | {shown} | {r.n} |")
     return "\n".join(lines) + "\n"
 
@@ -369,7 +394,7 @@ def paper_row(results: Sequence[TaskResult], model: str) -> str:
     cells = []
     for r in results:
         key, value = headline(r)
-        cells.append(f"{value:.2f}" if key in ("perplexity", "stereo_pct") else f"{100 * value:.1f}")
+        cells.append(_shown(key, value))
     return (f"| Model | {' | '.join(r.task for r in results)} |\n|---|{'---:|' * len(results)}\n"
             f"| {model} | {' | '.join(cells)} |\n")
 
@@ -387,10 +412,7 @@ def write_results(results: Sequence[TaskResult], path: str, config: dict, force:
     model = os.path.basename(os.path.normpath(str(config.get("checkpoint", "")))) or "model"
     table = markdown_table(results) + "\n" + paper_row(results, model)
     for p, text in ((path, json.dumps(payload, indent=1)), (md_path, table)):
-        tmp = p + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, p)
+        write_text(p, text)
 
 
 def log_to_tensorboard(writer, results: Sequence[TaskResult], step: int) -> None:
@@ -401,17 +423,26 @@ def log_to_tensorboard(writer, results: Sequence[TaskResult], step: int) -> None
 
 
 def evaluate_during_training(model, model_cfg, tokenizer, tasks: Sequence[PreparedTask], opts: EvalOptions,
-                             writer, step: int) -> list[TaskResult]:
+                             writer, step: int, ctx=None) -> list[TaskResult]:
     """The paper's "evolution during training": score ``tasks`` (prepared once, before training)
     with the live model and log each headline metric to TensorBoard at ``step``.
 
-    Every rank must call it (the model may be tensor-parallel); pass ``writer=None`` off rank 0.
+    Every rank must call it (the model may be tensor- or pipeline-parallel); pass ``writer=None`` off
+    rank 0.  With pipeline stages (``ctx.pp_size > 1``, ``model`` this rank's ``PipelineStages``) the
+    last stage runs the tasks down the pipeline and broadcasts the results
+    (:mod:`megallama.eval.pipelined`): every rank returns the same figures as at pp=1.
     """
     from megallama.eval.lm import MegallamaAdapter
 
     was_training = model.training
+    model.eval()
     try:
-        results = evaluate(MegallamaAdapter(model, model_cfg, tokenizer), tasks, opts)
+        if ctx is not None and ctx.pp_size > 1:
+            from megallama.eval.pipelined import evaluate_pipelined
+
+            results = evaluate_pipelined(model, model_cfg, tokenizer, tasks, opts, ctx)
+        else:
+            results = evaluate(MegallamaAdapter(model, model_cfg, tokenizer), tasks, opts)
     finally:
         model.train(was_training)
     if writer is not None:

@@ -74,6 +74,7 @@ class LanguageModel:
     vocab_size: int
     max_seq_len: int
     device: torch.device
+    width: int = 0  # the model's hidden size (0 = unknown): sizes the shared-context rule of scoring
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -96,6 +97,7 @@ class HFAdapter(LanguageModel):
         self.tokenizer = tokenizer
         self.vocab_size = int(model.config.vocab_size)
         self.max_seq_len = int(max_seq_len or getattr(model.config, "max_position_embeddings", 2048))
+        self.width = int(getattr(model.config, "hidden_size", 0) or 0)
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
@@ -132,6 +134,7 @@ class MegallamaAdapter(LanguageModel):
         self.tokenizer = tokenizer
         self.vocab_size = int(model_cfg.vocab_size)
         self.max_seq_len = int(model_cfg.max_seq_len)
+        self.width = int(model_cfg.dim)
         first = next(model.parameters())
         self.device, self.dtype = first.device, dtype or first.dtype
 
@@ -194,7 +197,18 @@ def _load_hf(path: str, device: str, dtype: Optional[torch.dtype]) -> HFAdapter:
         raise CheckpointError(f"cannot load Hugging Face model from {path}: {str(exc).splitlines()[0]}")
     with open(os.path.join(path, "config.json")) as f:
         max_len = json.load(f).get("max_position_embeddings")
-    return HFAdapter(model.to(device), load_tokenizer(tok_path), max_seq_len=max_len)
+    tokenizer = load_tokenizer(tok_path)
+    _check_vocab(tokenizer, model.config.vocab_size, tok_path, path)
+    return HFAdapter(model.to(device), tokenizer, max_seq_len=max_len)
+
+
+def _check_vocab(tokenizer, model_vocab: int, tok_path: str, path: str) -> None:
+    """A tokenizer with more pieces than the model has embedding rows: one line, not an index error
+    mid-forward (fewer is fine: a model may pad its vocabulary)."""
+    n = tokenizer.vocab_size
+    if n > model_vocab:
+        raise CheckpointError(f"tokenizer '{tok_path}' has {n:,} pieces but the model in {path} has a vocabulary "
+                              f"of {model_vocab:,}; put the tokenizer the model was trained with there")
 
 
 def _check_tensor_parallel(cfg, tp: int, path) -> None:
@@ -217,7 +231,8 @@ def load_megallama_checkpoint(path: str, device: str, dtype: Optional[torch.dtyp
     """
     import torch.distributed as dist
 
-    from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader, shard_specs
+    from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader
+    from megallama.sharding import shard_specs
     from megallama.model import Transformer
     from parallel.topology import ParallelContext
 
@@ -230,10 +245,12 @@ def load_megallama_checkpoint(path: str, device: str, dtype: Optional[torch.dtyp
     if not os.path.isfile(tok_path):
         raise CheckpointError(f"checkpoint {reader.path} has no {TOKENIZER_FILE}; copy the run's SentencePiece "
                               "model there")
+    tokenizer = load_tokenizer(tok_path)
+    _check_vocab(tokenizer, model_cfg.vocab_size, tok_path, str(reader.path))
     model = Transformer(model_cfg, ctx)
     specs = shard_specs(model_cfg, tp)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(reader.read_shard(name, None, specs[name], ctx.tp_rank, tp))
     model = model.to(device=device, dtype=dtype or torch.float32).eval()
-    return MegallamaAdapter(model, model_cfg, load_tokenizer(tok_path), dtype=dtype)
+    return MegallamaAdapter(model, model_cfg, tokenizer, dtype=dtype)

@@ -76,12 +76,33 @@ def _score_rows(logprobs: torch.Tensor, targets: torch.Tensor) -> tuple[float, b
     return float(lp.double().sum()), bool((logprobs.argmax(-1) == targets).all())
 
 
+SHARED_BREAK_EVEN = 150  # context tokens saved at which sharing pays off, for a 64-wide model
+SHARED_REFERENCE_WIDTH = 64
+
+
+def share_pays(n_choices: int, context_tokens: int, width: int) -> bool:
+    """Whether one question's choices run their shared context once (KV cache) or one flat row each.
+
+    Sharing saves ``(n_choices - 1) * context_tokens`` tokens of compute but costs two more model
+    calls per question (a batch-1 context call, then the continuations) and a cache copy.  The saved
+    tokens must reach a break-even that falls as the model widens (each token costs more compute,
+    a call's overhead does not): ``150 * sqrt(64 / width)`` tokens, measured with
+    ``benchmarks/eval_speed.py --sweep`` (the derivation is in docs/eval.md).  A width of 0 (unknown)
+    counts as 64."""
+    if n_choices < 2:
+        return False
+    width = width or SHARED_REFERENCE_WIDTH
+    return (n_choices - 1) * context_tokens >= SHARED_BREAK_EVEN * math.sqrt(SHARED_REFERENCE_WIDTH / width)
+
+
 def loglikelihoods(lm: LanguageModel, requests: Sequence[Request], batch_size: int = 16,
-                   share_context: bool = True) -> list[Scored]:
+                   share_context: Optional[bool] = None) -> list[Scored]:
     """Score every request; results come back in the order of ``requests``.
 
     Identical requests are scored once (the "Answer:" requests of unconditional normalisation
     repeat for every question).  A shared context is computed once per ``batch_size`` choices.
+    ``share_context``: None chooses per question by :func:`share_pays` (the default), True shares
+    every multi-choice context, False scores every request as a flat row (both give the same numbers).
     """
     tok = lm.tokenizer
     unique: dict[Request, int] = {}
@@ -100,10 +121,12 @@ def loglikelihoods(lm: LanguageModel, requests: Sequence[Request], batch_size: i
             encoded[i] = (_fit(encoded[i][0], longest, lm.max_seq_len), encoded[i][1])
     scored: list[Optional[Scored]] = [None] * len(encoded)
     flat = list(range(len(encoded)))
-    if share_context and _supports_shared(lm):
-        shared = [idx[k: k + batch_size] for idx in groups.values() if len(idx) > 1
-                  for k in range(0, len(idx), batch_size)]
-        flat = [idx[0] for idx in groups.values() if len(idx) == 1]
+    if share_context is not False and _supports_shared(lm):
+        width = int(getattr(lm, "width", 0) or 0)
+        chunks = [idx[k: k + batch_size] for idx in groups.values() for k in range(0, len(idx), batch_size)]
+        shared = [c for c in chunks if len(c) > 1 and (share_context or share_pays(len(c), len(encoded[c[0]][0]), width))]
+        flat = [i for c in chunks if len(c) == 1 or not (share_context or share_pays(len(c), len(encoded[c[0]][0]), width))
+                for i in c]
         shared.sort(key=lambda idx: -(len(encoded[idx[0]][0]) + max(len(encoded[i][1]) for i in idx)))
         for idx in shared:
             for i, s in zip(idx, _score_shared(lm, [encoded[i] for i in idx])):

@@ -4,12 +4,12 @@ page is kept when its probability of the positive label reaches ``classifier_thr
 
 from __future__ import annotations
 
-import os
 import random
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple
 
+from megallama.atomic import committing
 from megallama.data.steps.base import Step, StepsConfig, with_text
 from megallama.data.steps.langid import check_fasttext_file, fasttext_predict, load_fasttext
 from megallama.errors import DataError
@@ -81,11 +81,6 @@ def train_classifier(positive: Iterable[str], negative: Iterable[str], output: P
         if valid:
             right = sum(fasttext_predict(model, line)[0][1] == label for label, line in valid)
             accuracy = right / len(valid)
-        tmp_out = output.with_name(output.name + f".tmp-{os.getpid()}")
-        try:
+        with committing(output) as tmp_out:
             model.save_model(str(tmp_out))
-            os.replace(tmp_out, output)
-        finally:
-            if tmp_out.exists():
-                tmp_out.unlink()
     return counts[POSITIVE], counts[NEGATIVE], accuracy
