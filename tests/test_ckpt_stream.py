@@ -1,4 +1,4 @@
-"""Streaming checkpoint writing (megallama/ckpt_stream.py): its safetensors files equal
+"""Streaming checkpoint writing (megallama/checkpoint/stream.py): its safetensors files equal
 ``safetensors.torch.save``'s byte for byte, and a checkpoint written tensor by tensor equals the one
 ``write_checkpoint`` writes from whole state dicts (files, sha256s and meta.json)."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megallama.checkpoint import MOMENTS, CheckpointReader, write_checkpoint
-from megallama.ckpt_stream import SafetensorsWriter, dict_source, write_checkpoint_from
+from megallama.checkpoint.stream import SafetensorsWriter, dict_source, write_checkpoint_from
 from megallama.config import preset_config, validate
 from megallama.model import build_model
 

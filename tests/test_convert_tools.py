@@ -451,7 +451,7 @@ def _fail_on_call(n, real):
 def test_a_write_failing_partway_leaves_no_temporary_directory(model_ckpt, tmp_path, monkeypatch, capsys, tool):
     """export-hf/export-meta left their `.OUT.<pid>-0.tmp` directory (and a traceback) behind when a
     write failed after the first file; with --force the existing output is kept as it was."""
-    import megallama.ckpt_stream
+    import megallama.checkpoint.stream
     from megallama.cli import main
     from tools.hf import export_hf
 
@@ -469,8 +469,8 @@ def test_a_write_failing_partway_leaves_no_temporary_directory(model_ckpt, tmp_p
             "import-hf": [str(hf), "--tp", "2"]}[tool]
     if tool == "export-meta":
         monkeypatch.setattr(torch, "save", _fail_on_call(2, torch.save))
-    else:  # the tools stream their safetensors files (megallama.ckpt_stream): the second one fails
-        monkeypatch.setattr(megallama.ckpt_stream, "_open", _fail_on_call(2, megallama.ckpt_stream._open))
+    else:  # the tools stream their safetensors files (megallama.checkpoint.stream): the second one fails
+        monkeypatch.setattr(megallama.checkpoint.stream, "_open", _fail_on_call(2, megallama.checkpoint.stream._open))
     if tool in ("reshard", "import-hf"):  # they need a new output
         (out / "old.txt").unlink()
         out.rmdir()

@@ -70,14 +70,14 @@ def check_not_source(out: Path, source: Path) -> None:
 
 
 def import_source(shapes: dict, to_ours, meta_name, load):
-    """A tensor source (:class:`megallama.ckpt_stream.BuildSource`) for an imported model, built one
+    """A tensor source (:class:`megallama.checkpoint.stream.BuildSource`) for an imported model, built one
     canonical tensor at a time from only the source tensors it is made of.
 
     ``shapes``: source name -> meta-device tensor of its shape; ``to_ours``: the whole-dict mapping
     (:mod:`megallama.convert`), run once on ``shapes`` (names, shapes and the mapping's own errors,
     before anything is written) and then on each tensor's sources; ``meta_name``: source name -> its
     Meta name (None: dropped); ``load(names)``: those source tensors, real."""
-    from megallama.ckpt_stream import BuildSource
+    from megallama.checkpoint.stream import BuildSource
     from megallama.convert import fused_name
 
     ours = to_ours(shapes)

@@ -22,7 +22,7 @@ import torch
 
 from megallama.atomic import building
 from megallama.checkpoint import TOKENIZER_FILE, CheckpointReader
-from megallama.ckpt_stream import SafetensorsWriter, StreamingReader, write_run_checkpoint_from
+from megallama.checkpoint.stream import SafetensorsWriter, StreamingReader, write_run_checkpoint_from
 from megallama.config import ModelConfig
 from megallama.convert import hf_config, hf_to_meta, hf_to_ours, ours_to_hf
 from megallama.errors import CheckpointError, UserError

@@ -21,7 +21,7 @@ import torch
 
 from megallama.atomic import building
 from megallama.checkpoint import TOKENIZER_FILE
-from megallama.ckpt_stream import StreamingReader, write_run_checkpoint_from
+from megallama.checkpoint.stream import StreamingReader, write_run_checkpoint_from
 from megallama.config import ModelConfig
 from megallama.convert import meta_to_ours, ours_to_meta
 from megallama.errors import CheckpointError

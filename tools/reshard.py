@@ -6,7 +6,7 @@ and Adam moments under canonical parameter names (see :mod:`megallama.checkpoint
 - TP/PP: each output file is streamed tensor by tensor; each tensor's new TP slice is read
   (sha256-verified files, only the slice's bytes) with the training code's own shard specs and
   stage assignment; vocabulary padding is adjusted for the new TP.  Peak memory: about one tensor,
-  never the model (:mod:`megallama.ckpt_stream`).
+  never the model (:mod:`megallama.checkpoint.stream`).
 - DP/ZeRO: nothing to transform; ``--dp`` is only validated and recorded.  Any DP size and
   ZeRO stage loads the result.
 - Kept: step, consumed samples (the data position), LR-scheduler position, optimizer LRs,
@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from megallama.checkpoint import TOKENIZER_FILE
-from megallama.ckpt_stream import ReaderSource, StreamingReader, write_run_checkpoint_from
+from megallama.checkpoint.stream import ReaderSource, StreamingReader, write_run_checkpoint_from
 from megallama.config import validate
 from tools.checkpoint_io import check_new_output
 

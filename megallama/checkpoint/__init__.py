@@ -23,7 +23,8 @@ The rooms: :mod:`~megallama.checkpoint.format` (file names, ``meta.json``, file 
 :mod:`~megallama.checkpoint.validate` (meta.json against the files; ``latest``),
 :mod:`~megallama.checkpoint.reader` (slices of canonical tensors), :mod:`~megallama.checkpoint.save`
 (training saves, asynchronous or not), :mod:`~megallama.checkpoint.load` (into a running engine) and
-:mod:`~megallama.checkpoint.offline` (whole checkpoints from full tensors, for the tools).  Which rank
+:mod:`~megallama.checkpoint.offline` (whole checkpoints from full tensors) and
+:mod:`~megallama.checkpoint.stream` (the offline tools' tensor-by-tensor writer and reader).  Which rank
 holds which piece is :mod:`megallama.sharding`; DeepSpeed's optimizer internals are reached only
 from :mod:`megallama.engine`; files and directories are committed by :mod:`megallama.atomic`.
 
