@@ -29,9 +29,8 @@ import torch
 
 from megallama.atomic import building, check_new_output, commit_directory, fsync_write
 from megallama.checkpoint.format import IO_BYTES, MOMENTS, copy_tokenizer, layout_record, new_meta, part_file, step_name
-from megallama.checkpoint.offline import _check_shape
 from megallama.checkpoint.reader import CheckpointReader
-from megallama.config import Config
+from megallama.config import Config, ModelConfig
 from megallama.errors import CheckpointError
 from megallama.sharding import ShardSpec, reshard_tensor, shard_specs, stage_assignment
 
@@ -39,6 +38,19 @@ from megallama.sharding import ShardSpec, reshard_tensor, shard_specs, stage_ass
 DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
           torch.bool: "BOOL"}
+
+
+VOCAB_PARAMS = ("tok_embeddings.weight", "output.weight")
+
+
+def _check_shape(name: str, tensor: torch.Tensor, spec: ShardSpec, model_cfg: ModelConfig) -> None:
+    """A full tensor must have the configured shape; vocabulary rows may carry any TP padding."""
+    shape, want = tuple(tensor.shape), tuple(spec.shape)
+    if name in VOCAB_PARAMS and len(shape) == 2 and shape[1] == want[1] and shape[0] >= model_cfg.vocab_size:
+        return
+    if shape != want:
+        raise CheckpointError(f"parameter '{name}' has shape {shape}, the config needs {want}; "
+                              "the source is of another model shape (check its config/params)")
 
 
 def _open(path: Path):
