@@ -113,7 +113,7 @@ def _assert_planner_counts(res, world, sp, checkpointing):
     sbh = S * B * res["h"]
     weight = {("all_reduce", sbh): 2, ("all_gather", sbh // world): 1, ("reduce_scatter", sbh): 1}
     measured = sum(weight.get(k, 0) * n for phase in ("fwd", "bwd") for k, n in res[phase].items())
-    lay = replace(Layout(gpus=2, tp=2), sequence_parallel=sp, checkpointing=checkpointing)
+    lay = replace(Layout(gpus=2, tp=2), sequence_parallel=sp, activation_checkpointing=checkpointing)
     assert lay.sp == sp
     assert tp_collectives_per_layer(lay) == measured
 
