@@ -47,6 +47,7 @@ def test_offline_tools_peak_memory_is_bounded_by_the_largest_tensor(big):
             ("import-meta", 0, ["import-meta", str(d / "meta"), "--output", str(d / "im")])]
     for tool, shard, args in runs:
         grew = peak_rss_growth(*args)
-        bound = 4 * largest + shard + FIXED
+        bound = (3 if tool in ("reshard", "export-hf") else 4) * largest + shard + FIXED  # issue #22: reshard and
+        # export-hf within 3x the largest tensor + a stated fixed overhead
         assert grew < bound < model, (f"{tool}: peak RSS grew {grew / MB:.1f} MB, bound {bound / MB:.1f} MB "
                                       f"(largest tensor {largest / MB:.2f} MB, model {model / MB:.1f} MB)")
