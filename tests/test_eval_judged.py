@@ -15,8 +15,6 @@ from megallama.eval import harness
 from megallama.eval.formats import FORMATS
 from megallama.eval.harness import EvalOptions, TaskSpec
 from megallama.eval.judges import RESPECTFUL_INSTRUCTION, Classifier, Perspective, judge_prompts
-from megallama.eval.lm import load_model
-from megallama.eval.tiny import build_tiny_checkpoint
 from megallama.generation import SamplingParams, generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,18 +37,7 @@ TRUTHFULQA_CSV = (
     "Blue light scatters,Because of deoxygenated blood,https://z\n")
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return build_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny")))
-
-
-@pytest.fixture(scope="module")
-def lm(ckpt):
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    torch.set_num_threads(1)
-    return load_model(ckpt)
+from tests.test_eval_cli import ckpt, lm  # noqa: E402,F401 (the tiny model fixtures, shared)
 
 
 def tiny_classifier(path, labels, seed, problem_type=None):
