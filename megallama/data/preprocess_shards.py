@@ -110,6 +110,7 @@ def plan(inputs: Sequence[str], tokenizer: str, prefix: str, shards: int, text_k
 def run_shard(run: ShardedRun, index: int) -> Optional[dict]:
     """Tokenize shard ``index`` (single-threaded) unless its pair exists; its report, or None if done."""
     from megallama.data.preprocess import preprocess
+    from megallama.data.shards import _peak_rss_mb
 
     if not 0 <= index < run.shards:
         raise DataError(f"--shard must be in 0..{run.shards - 1}, got {index}")
@@ -119,17 +120,6 @@ def run_shard(run: ShardedRun, index: int) -> Optional[dict]:
                         text_key=run.text_key, on_error=run.on_error, force=True, suffixes=run.suffixes)
     return dict(shard=index, documents=report.documents, tokens=report.tokens, text_bytes=report.text_bytes,
                 skipped=report.skipped, seconds=report.seconds, peak_rss_mb=_peak_rss_mb())
-
-
-def _peak_rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0.0
 
 
 def _task(args) -> Optional[dict]:
